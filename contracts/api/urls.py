@@ -1,0 +1,14 @@
+"""``/api/v1/contracts/``, ``/api/v1/contracts/{contract_pk}/files/`` and ``/api/v1/tasks/``."""
+
+from __future__ import annotations
+
+from rest_framework.routers import SimpleRouter
+
+from contracts.api.views import ContractFileViewSet, ContractViewSet, TaskViewSet
+
+router = SimpleRouter()
+router.register("contracts", ContractViewSet, basename="contract")
+router.register(r"contracts/(?P<contract_pk>[^/.]+)/files", ContractFileViewSet, basename="contract-file")
+router.register("tasks", TaskViewSet, basename="task")
+
+urlpatterns = router.urls

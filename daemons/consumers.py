@@ -1,0 +1,341 @@
+"""The daemon gateway: the server side of the websocket protocol (``docs/protocol.md``).
+
+One :class:`DaemonConsumer` per daemon socket. It authenticates the upgrade,
+decodes and validates every frame (:mod:`daemons.protocol`), calls a service
+for each message through ``database_sync_to_async`` and delivers the daemon's
+outbox. Nothing here is needed for correctness across processes: commands
+live in the database and a channel-layer ``outbox.wake`` only shortens the
+wait for the next poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+from urllib.parse import parse_qs
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.conf import settings
+
+from contracts.services import (
+    NotYourTask,
+    task_dispatch_pending,
+    task_finished_consequences,
+    task_report_finished,
+    task_report_output,
+    task_report_paused,
+    task_report_progress,
+    task_report_started,
+)
+from daemons.authentication import bearer_from_header
+from daemons.models import ApiToken, Daemon
+from daemons.protocol import (
+    SERVER_VERSION,
+    CloseCode,
+    ErrorCode,
+    ProtocolError,
+    TokenBucket,
+    decode_frame,
+    error_message,
+    message_ref,
+    validate_message,
+)
+from daemons.services import (
+    DELIVER,
+    REPLACED,
+    UnknownCommand,
+    command_ack,
+    command_claim,
+    daemon_disconnect,
+    daemon_group,
+    daemon_heartbeat,
+    daemon_hello,
+    token_authenticate,
+)
+
+logger = logging.getLogger(__name__)
+
+DAEMON_TOKEN = frozenset({ApiToken.Kind.DAEMON})
+
+
+def _db(function: Any) -> Any:
+    return database_sync_to_async(function)
+
+
+class DaemonConsumer(AsyncJsonWebsocketConsumer):
+    """``/ws/daemon/``: one connected daemon."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.owner: Any = None
+        self.token_id: Any = None
+        self.daemon: Daemon | None = None
+        self.connection_id = ""
+        self.closed = False
+        self.bucket: TokenBucket | None = None
+        # Serialises outbox delivery between the poll loop, wake-ups and handlers,
+        # so that commands go out in order and a batch is never interleaved.
+        self.deliver_lock = asyncio.Lock()
+        self.poll_task: asyncio.Task[None] | None = None
+
+    # ----------------------------------------------------------------------- connection
+
+    def _plain_token(self) -> str | None:
+        for name, value in self.scope.get("headers", []):
+            if name.lower() == b"authorization":
+                return bearer_from_header(value)
+        query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
+        values = query.get("token")
+        return values[0] if values else None
+
+    async def connect(self) -> None:
+        plain = self._plain_token()
+        token = await _db(token_authenticate)(plain, kinds=DAEMON_TOKEN) if plain else None
+        # Accept before closing so that the client sees 4401 rather than a
+        # failed handshake it could not tell from a network error.
+        await self.accept()
+        if token is None:
+            await self._close(CloseCode.UNAUTHORIZED)
+            return
+        self.owner = token.owner
+        self.token_id = token.pk
+        self.bucket = TokenBucket(
+            rate=settings.MAKIMA_WS_RATE_PER_S, burst=settings.MAKIMA_WS_RATE_BURST, clock=time.monotonic
+        )
+
+    async def disconnect(self, code: int) -> None:
+        self.closed = True
+        if self.poll_task is not None:
+            self.poll_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.poll_task
+        if self.daemon is not None:
+            # Compare-and-set on connection_id: a replaced socket closing leaves the daemon connected.
+            await _db(daemon_disconnect)(daemon_id=self.daemon.pk, connection_id=self.connection_id)
+
+    async def _close(self, code: int) -> None:
+        if not self.closed:
+            self.closed = True
+            await self.close(code=code)
+
+    async def _error(self, code: ErrorCode | str, message: str, ref: Any = None) -> None:
+        if not self.closed:
+            await self.send_json(error_message(code, message, ref))
+
+    # ----------------------------------------------------------------------- frames
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any) -> None:
+        """Size and rate checks on the raw frame, then JSON decoding and dispatch."""
+        if self.closed:
+            return
+        limit = settings.MAKIMA_WS_MAX_BYTES
+        raw = text_data if text_data is not None else bytes_data or b""
+        if _too_large(raw, limit):
+            await self._error(ErrorCode.TOO_LARGE, f"frames may hold at most {limit} bytes")
+            await self._close(CloseCode.TOO_LARGE)
+            return
+        allowed = self.bucket is None or self.bucket.take()
+        if text_data is None:
+            if allowed:
+                await self._error(ErrorCode.BAD_JSON, "frames must be text frames holding JSON")
+            else:
+                await self._error(ErrorCode.RATE_LIMITED, "too many messages; this one was dropped")
+            return
+        try:
+            message = decode_frame(text_data)
+        except ProtocolError as exc:
+            if allowed:
+                await self._error(exc.code, exc.message, exc.ref)
+            else:
+                await self._error(ErrorCode.RATE_LIMITED, "too many messages; this one was dropped")
+            return
+        if not allowed:
+            await self._error(ErrorCode.RATE_LIMITED, "too many messages; this one was dropped", message_ref(message))
+            return
+        await self.receive_json(message)
+
+    async def receive_json(self, content: Any, **kwargs: Any) -> None:
+        """Dispatch one decoded message to ``handle_<type>``."""
+        ref = message_ref(content)
+        kind = content["type"]
+        if self.daemon is None and kind != "hello":
+            await self._error(ErrorCode.HELLO_REQUIRED, "the first message must be hello", ref)
+            return
+        try:
+            payload = validate_message(content)
+            # validate_message accepts only the protocol's types, so this names an existing handler.
+            await getattr(self, f"handle_{kind}")(payload)
+        except ProtocolError as exc:
+            await self._error(exc.code, exc.message, exc.ref if exc.ref is not None else ref)
+        except NotYourTask as exc:
+            await self._error(ErrorCode.NOT_YOUR_TASK, str(exc), ref)
+        except Exception:
+            # A bug or a database failure: the message may be lost, so close and let
+            # the daemon reconnect and re-send what it still holds (task_finished).
+            logger.exception("daemon %s: handling %s failed", self._name(), kind)
+            await self._close(CloseCode.INTERNAL_ERROR)
+
+    def _name(self) -> str:
+        return self.daemon.name if self.daemon is not None else "?"
+
+    # ----------------------------------------------------------------------- daemon → server
+
+    async def handle_hello(self, payload: dict[str, Any]) -> None:
+        if self.daemon is not None:
+            raise ProtocolError(ErrorCode.INVALID, "hello: this connection has already said hello")
+        hello = await _db(daemon_hello)(
+            owner=self.owner,
+            token_id=self.token_id,
+            name=payload["name"],
+            hostname=payload["hostname"],
+            version=payload["version"],
+            max_concurrent_tasks=payload["max_concurrent_tasks"],
+            agents=payload["agents"],
+            running_tasks=payload["running_tasks"],
+        )
+        self.daemon, self.connection_id = hello.daemon, hello.connection_id
+        group = daemon_group(self.daemon.pk)
+        await self.channel_layer.group_add(group, self.channel_name)
+        self.groups.append(group)  # the base class leaves it on disconnect
+        await self.send_json(
+            {
+                "type": "welcome",
+                "daemon_id": str(self.daemon.pk),
+                "heartbeat_interval_s": settings.MAKIMA_HEARTBEAT_INTERVAL_S,
+                "server_version": SERVER_VERSION,
+            }
+        )
+        for task_id in hello.interrupted_task_ids:
+            await _db(task_finished_consequences)(task_id=task_id, owner_id=self.owner.pk)
+        await self.deliver()
+        await _db(task_dispatch_pending)(owner_ids=[self.owner.pk])
+        await self.deliver()
+        self.poll_task = asyncio.create_task(self._poll_outbox())
+
+    async def handle_ack(self, payload: dict[str, Any]) -> None:
+        try:
+            ack = await _db(command_ack)(
+                daemon=self.daemon, command_id=payload["command_id"], ok=payload["ok"], error=payload["error"]
+            )
+        except UnknownCommand:
+            # Unknown and foreign commands get the same answer: nothing leaks about other daemons.
+            raise ProtocolError(ErrorCode.INVALID, "command_id: no such command for this daemon") from None
+        if ack.refused_task_id is not None:
+            await _db(task_dispatch_pending)(owner_ids=[self.owner.pk], exclude_daemon_id=self.daemon.pk)
+
+    async def handle_heartbeat(self, payload: dict[str, Any]) -> None:
+        await _db(daemon_heartbeat)(
+            daemon=self.daemon, connection_id=self.connection_id, running_tasks=payload["running_tasks"]
+        )
+
+    async def handle_task_started(self, payload: dict[str, Any]) -> None:
+        await _db(task_report_started)(daemon=self.daemon, **payload)
+
+    async def handle_task_output(self, payload: dict[str, Any]) -> None:
+        await _db(task_report_output)(daemon=self.daemon, task_id=payload["task_id"], items=payload["items"])
+
+    async def handle_task_paused(self, payload: dict[str, Any]) -> None:
+        await _db(task_report_paused)(daemon=self.daemon, **payload)
+
+    async def handle_task_progress(self, payload: dict[str, Any]) -> None:
+        await _db(task_report_progress)(daemon=self.daemon, **payload)
+
+    async def handle_task_finished(self, payload: dict[str, Any]) -> None:
+        report = {key: value for key, value in payload.items() if key != "id"}
+        stored = await _db(task_report_finished)(daemon=self.daemon, **report)
+        # The service returned, so the report is committed: the daemon may forget it.
+        await self.send_json({"type": "received", "id": payload["id"]})
+        if stored:
+            await _db(task_finished_consequences)(task_id=payload["task_id"], owner_id=self.owner.pk)
+            # What that dispatched to this daemon goes out now, without waiting for the wake-up.
+            await self.deliver()
+
+    # ----------------------------------------------------------------------- outbox
+
+    async def deliver(self) -> None:
+        """Send every queued command of this daemon, oldest first."""
+        async with self.deliver_lock:
+            while not self.closed and self.daemon is not None:
+                delivery = await _db(command_claim)(
+                    daemon_id=self.daemon.pk, connection_id=self.connection_id, token_id=self.token_id
+                )
+                if delivery.state == REPLACED:
+                    await self._close(CloseCode.REPLACED)
+                    return
+                if delivery.state != DELIVER:
+                    await self._close(CloseCode.UNAUTHORIZED)  # the daemon's token was revoked
+                    return
+                for message in delivery.messages:
+                    await self.send_json(message)
+                if not delivery.messages:
+                    return
+
+    async def _poll_outbox(self) -> None:
+        # Another process (the tick, an API request) cannot always wake this
+        # consumer (in-memory channel layer), so the outbox is also polled.
+        while not self.closed:
+            await asyncio.sleep(settings.MAKIMA_OUTBOX_POLL_S)
+            try:
+                await self.deliver()
+            except Exception:
+                logger.exception("daemon %s: outbox delivery failed", self._name())
+
+    # ----------------------------------------------------------------------- channel layer
+
+    async def outbox_wake(self, event: dict[str, Any]) -> None:
+        """``{"type": "outbox.wake"}``: commands were queued for this daemon."""
+        if self.closed or self.daemon is None:
+            return
+        try:
+            await self.deliver()
+        except Exception:
+            logger.exception("daemon %s: outbox delivery failed", self._name())
+
+    async def daemon_replaced(self, event: dict[str, Any]) -> None:
+        """``{"type": "daemon.replaced", "connection_id"}``: a newer socket said hello with this name."""
+        if event.get("connection_id") != self.connection_id:
+            await self._close(CloseCode.REPLACED)
+
+
+def _too_large(raw: str | bytes, limit: int) -> bool:
+    """Whether a frame exceeds ``limit`` bytes of UTF-8, without encoding it when the length alone decides."""
+    if isinstance(raw, bytes) or len(raw) > limit:
+        return len(raw) > limit
+    if len(raw) * 4 <= limit:
+        return False  # a character is at most 4 bytes
+    return len(raw.encode("utf-8", "surrogatepass")) > limit
+
+
+# RFC 6455 §7.4.1 codes an endpoint may send (1004–1006 and 1015 never go on the wire).
+RFC_CLOSE_CODES = frozenset({1001, 1002, 1003, *range(1007, 1015)})
+
+
+def allow_rfc_close_codes_in_daphne() -> None:
+    """Let daphne send the close codes the protocol uses (1009 after ``too_large``).
+
+    Daphne hands an application's close code to autobahn's ``sendClose``,
+    which accepts only 1000 and 3000–4999 and otherwise fails the socket with
+    1011 (django/daphne#374). Codes RFC 6455 allows are sent as they are
+    instead; everything else keeps daphne's own path. Idempotent; a no-op
+    without daphne.
+    """
+    try:
+        from daphne.ws_protocol import WebSocketProtocol
+    except ImportError:  # pragma: no cover - daphne is a dependency, but the gateway does not need it
+        return
+    if getattr(WebSocketProtocol.serverClose, "makima_patched", False):
+        return
+    original = WebSocketProtocol.serverClose
+
+    def server_close(self: Any, code: int | None = None) -> None:
+        if code in RFC_CLOSE_CODES:
+            self.sendCloseFrame(code=code, isReply=False)
+        else:
+            original(self, code=code)
+
+    server_close.makima_patched = True  # type: ignore[attr-defined]
+    WebSocketProtocol.serverClose = server_close
