@@ -20,7 +20,7 @@ from contracts.models import Contract, ContractFile, ContractRepository, Task, T
 from directives.models import Directive, DirectiveEvent
 from directives.services import event_record, status_transition
 from makima.errors import Conflict, OutOfScope
-from makima.state import SYSTEM, Actor
+from makima.state import SYSTEM, Actor, atomic_unit
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def contract_create(
     is_directive_orchestrator: bool = False,
     repositories: Iterable[Mapping[str, Any]] = (),
 ) -> Contract:
-    with transaction.atomic():
+    with atomic_unit():
         contract = Contract.objects.create(
             owner=owner,
             name=name[:200],
@@ -297,7 +297,7 @@ def task_create(
     ``task_id`` lets a caller that must name the branch in the prompt before
     the task exists choose the id, so the branch's hex matches the task's id."""
     task_id = task_id or uuid.uuid4()
-    with transaction.atomic():
+    with atomic_unit():
         task = Task.objects.create(
             id=task_id,
             owner=owner,
@@ -656,6 +656,14 @@ def task_report_finished(
     with transaction.atomic():
         task = _own_task(daemon=daemon, task_id=task_id, lock=True)
         if task.status in Task.FINISHED:
+            # Ended here first (cancelled, or interrupted by its lease): the
+            # outcome stands, but the money the agent spent until it stopped counts.
+            ended_here = task.status in (Task.Status.CANCELLED, Task.Status.INTERRUPTED)
+            if ended_here and cost_usd is not None and _cost(cost_usd) > task.cost_usd:
+                extra = _cost(cost_usd) - task.cost_usd
+                Task.objects.filter(pk=task.pk).update(cost_usd=_cost(cost_usd), updated_at=timezone.now())
+                if task.directive_id:
+                    Directive.objects.filter(pk=task.directive_id).update(total_cost_usd=F("total_cost_usd") + extra)
             return False
         if task.status not in Task.ON_DAEMON:
             raise NotYourTask(f"task {task_id} is not running on this daemon")

@@ -407,7 +407,15 @@ def _pause(directive: Directive, message: str, *, event_type: str, step_id: Any 
 # --------------------------------------------------------------------------- readiness and execution
 
 
-def _execution_task_for(step: Step, directive: Directive, *, deps: list[Step], last_passed: Step | None) -> Task:
+def _last_passed(directive: Directive) -> Step | None:
+    return (
+        Step.objects.filter(directive=directive, status=Step.Status.PASSED, execution_task__isnull=False)
+        .order_by("-finished_at")
+        .first()
+    )
+
+
+def _execution_task_for(step: Step, directive: Directive, *, deps: list[Step]) -> Task:
     previous = Task.objects.filter(pk=step.execution_task_id).first() if step.execution_task_id else None
     continue_from: Task | None = None
     merge: list[str] = []
@@ -424,9 +432,9 @@ def _execution_task_for(step: Step, directive: Directive, *, deps: list[Step], l
         pass  # every dependency was skipped: start from the base branch
     elif directive.pr_branch:
         base = directive.pr_branch
-    elif last_passed is not None and last_passed.execution_task_id:
+    elif (last_passed := _last_passed(directive)) is not None:
         continue_from = Task.objects.filter(pk=last_passed.execution_task_id).first()
-    contract = Contract.objects.filter(pk=step.execution_contract_id).first()
+    contract = Contract.objects.filter(pk=step.execution_contract_id).first() if step.execution_contract_id else None
     if contract is None:
         contract = _directive_contract(
             directive, contract_type=Contract.ContractType.EXECUTION, name=f"Step: {step.name}", step=step
@@ -549,12 +557,7 @@ def _advance_steps(directive: Directive, steps: list[StepRow], deps_of: dict[Any
                 if step is None:
                     continue
             row.status = step.status
-            last_passed = (
-                Step.objects.filter(directive=directive, status=Step.Status.PASSED, execution_task__isnull=False)
-                .order_by("-finished_at")
-                .first()
-            )
-            task = _execution_task_for(step, directive, deps=deps, last_passed=last_passed)
+            task = _execution_task_for(step, directive, deps=deps)
             row.execution_task_id = task.pk
 
 
@@ -664,12 +667,20 @@ def _verifier_evaluation(step: Step, task: Task) -> Evaluation:
     )
 
 
-def monitoring_dispatch(*, step: Step, task: Task | None = None) -> Task:
-    """Start an evaluator for a step (automatic or manual evaluation)."""
+MANUAL_EVALUATION = "manual"  # the phase of an evaluator's contract when a user asked for it
+
+
+def monitoring_dispatch(*, step: Step, task: Task | None = None, manual: bool = False) -> Task:
+    """Start an evaluator for a step: automatically after its execution, or
+    because a user asked (``manual``; its evaluation is recorded as such)."""
     directive = step.directive
     execution = task or Task.objects.filter(pk=step.execution_task_id).first()
     contract = _directive_contract(
-        directive, contract_type=Contract.ContractType.MONITORING, name=f"Evaluate: {step.name}", step=step
+        directive,
+        contract_type=Contract.ContractType.MONITORING,
+        name=f"Evaluate: {step.name}",
+        step=step,
+        phase=MANUAL_EVALUATION if manual else "",
     )
     plan = render_prompt(
         "monitoring",
@@ -783,6 +794,8 @@ def monitoring_task_finished(*, task: Task) -> None:
             level = _worse(level, result.confidence_level)
         if not v_passed:
             level = Step.Confidence.RED  # failing verifiers are never marginal
+        if Contract.objects.filter(pk=task.contract_id, phase=MANUAL_EVALUATION).exists():
+            kind = Evaluation.Kind.MANUAL
         evaluation = evaluation_record(
             step=step,
             kind=kind,
@@ -881,6 +894,9 @@ def completion_dispatch(*, directive: Directive) -> Task | None:
             claimed = False  # paused or stopped meanwhile
         if not claimed:
             return None
+        running = Task.objects.filter(pk=directive.completion_task_id).exclude(status__in=Task.FINISHED).first()
+        if running is not None:
+            return None  # resumed while its completion still runs: wait for that one
         chain = Chain.objects.filter(pk=directive.current_chain_id).first()
         if chain is not None and chain.status == Chain.Status.ACTIVE:
             chain_transition(chain=chain, to=Chain.Status.COMPLETED)
@@ -921,10 +937,27 @@ def completion_dispatch(*, directive: Directive) -> Task | None:
 
 def _claim_completion_task(task: Task) -> Directive | None:
     """Claim a finished completion or verification task's consequences: only the
-    caller that clears ``completion_task`` handles them. The directive, or None."""
+    caller that clears ``completion_task`` handles them. The directive, or None.
+
+    A directive paused while the task ran (pause lets running tasks finish)
+    leaves it unclaimed: resuming makes the directive ``active`` again, and
+    the recovery phase of ``advance`` brings the result back here. A result
+    that finished the work sends the resumed directive back to ``completing``;
+    any other lets completion start over."""
+    directive = Directive.objects.select_for_update().filter(pk=task.directive_id, completion_task=task).first()
+    if directive is None or directive.status == Directive.Status.PAUSED:
+        return None
     if Directive.objects.filter(pk=task.directive_id, completion_task=task).update(completion_task=None) != 1:
         return None
-    return Directive.objects.get(pk=task.directive_id)
+    directive.completion_task = None
+    if directive.status == Directive.Status.ACTIVE and task.status == Task.Status.DONE:
+        directive_transition(
+            directive=directive,
+            to=Directive.Status.COMPLETING,
+            expected=Directive.Status.ACTIVE,
+            data={"reason": f"the {task.kind} task finished while the directive was paused"},
+        )
+    return directive
 
 
 def completion_task_finished(*, task: Task) -> None:

@@ -31,7 +31,7 @@ from directives.models import (
     StepDependency,
 )
 from makima.errors import Conflict
-from makima.state import SYSTEM, Actor, InvalidTransition, Transitions, cas_transition
+from makima.state import SYSTEM, Actor, InvalidTransition, Transitions, atomic_unit, cas_transition
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ def status_transition(
     Returns ``True`` if this call changed the row (and wrote the event
     ``<subject>_<to>``), ``False`` for a no-op. Raises ``InvalidTransition``.
     """
-    with transaction.atomic():
+    with atomic_unit():
         previous = expected if expected is not None else instance.status
         changed = cas_transition(
             instance, to=to, transitions=transitions, subject=subject, updates=updates, expected=expected
@@ -1089,8 +1089,11 @@ def step_request_evaluation(*, step: Step, actor: Actor) -> Step:
     """A user asks for a fresh evaluation of a step that has been executed."""
     if step.execution_task_id is None:
         raise Conflict(f"step '{step.name}' has not been executed yet, so there is nothing to evaluate")
+    from directives.lifecycle import monitoring_dispatch
+
     with transaction.atomic():
-        step_transition(step=step, to=Step.Status.EVALUATING, actor=actor, data={"reason": "manual evaluation"})
+        if step_transition(step=step, to=Step.Status.EVALUATING, actor=actor, data={"reason": "manual evaluation"}):
+            monitoring_dispatch(step=step, manual=True)
         advance_after_commit(step.directive_id)
     return step
 

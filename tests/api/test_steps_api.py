@@ -262,8 +262,10 @@ def test_asking_for_a_new_evaluation_of_an_executed_step(client, directive):
     response = client.post(step_url(a, "evaluate/"))
     assert response.status_code == 200
     assert response.json()["status"] == "evaluating"
-    event = DirectiveEvent.objects.filter(step=a).latest("id")
-    assert (event.event_type, event.data["reason"]) == ("step_evaluating", "manual evaluation")
+    event = DirectiveEvent.objects.filter(step=a, event_type="step_evaluating").latest("id")
+    assert event.data["reason"] == "manual evaluation"
+    a.refresh_from_db()
+    assert (a.monitoring_task.kind, a.monitoring_task.contract.phase) == ("monitoring", "manual")
 
 
 def test_evaluating_a_step_that_never_ran_is_a_409(client, directive):

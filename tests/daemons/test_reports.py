@@ -422,3 +422,28 @@ async def test_the_directive_total_counts_every_finished_task_once(open_socket, 
 
     assert {r["type"] for r in replies} == {"received"}
     assert (await fresh(directive)).total_cost_usd == Decimal("1.75")
+
+
+@pytest.mark.parametrize("ended_as", ["cancelled", "interrupted"])
+async def test_the_late_report_of_a_task_ended_by_the_server_still_adds_its_cost(connected, lifecycle_calls, ended_as):
+    socket, _, directive, task = connected
+    await socket.send_json_to({"type": "task_progress", "task_id": str(task.pk), "cost_usd": 0.3})
+    await settle(socket)
+
+    @db
+    def end_here():
+        # What a stop (cancel) or an expired lease (interrupt) does before the daemon reports.
+        Task.objects.filter(pk=task.pk).update(status=ended_as)
+        Directive.objects.filter(pk=directive.pk).update(total_cost_usd=Decimal("0.3"))
+
+    await end_here()
+    report = finished_report(task, status="interrupted", cost_usd=0.5)
+
+    for _ in range(2):  # re-sent after a reconnect: counted once
+        await socket.send_json_to(report)
+        assert await socket.receive_json_from() == {"type": "received", "id": report["id"]}
+
+    task = await fresh(task)
+    assert (task.status, task.cost_usd) == (ended_as, Decimal("0.5"))
+    assert (await fresh(directive)).total_cost_usd == Decimal("0.5")
+    assert lifecycle_calls == []  # the outcome stands: nothing to apply again

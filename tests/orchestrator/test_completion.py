@@ -6,7 +6,16 @@ from contracts.models import Contract, Task
 from contracts.services import task_output_append
 from directives.lifecycle import advance, completion_dispatch, directive_branch
 from directives.models import Chain, Directive, Order, Step
-from directives.services import StepSpec, directive_update, order_link, step_request_evaluation, step_skip, steps_add
+from directives.services import (
+    StepSpec,
+    directive_pause,
+    directive_resume,
+    directive_update,
+    order_link,
+    step_request_evaluation,
+    step_skip,
+    steps_add,
+)
 from makima.state import SYSTEM, Actor
 from tests.factories import make_order
 from tests.orchestrator.helpers import (
@@ -289,3 +298,48 @@ def test_a_step_evaluated_again_keeps_the_directive_from_completing(alice):
     assert reload(a).status == Step.Status.EVALUATING
     assert reload(directive).status == Directive.Status.ACTIVE
     assert tasks(directive, Task.Kind.COMPLETION) == []
+
+
+def test_a_completion_that_finishes_while_the_directive_is_paused_is_applied_on_resume(alice):
+    directive = all_passed(alice, repository_url=GITHUB)
+    task = directive.completion_task
+    directive_pause(directive=directive, actor=Actor.for_user(alice))  # running tasks finish
+
+    finish(task, summary=f"Opened {PR}")
+
+    directive = reload(directive)
+    assert (directive.status, directive.completion_task_id, directive.pr_url) == ("paused", task.pk, "")
+    directive_resume(directive=directive, actor=Actor.for_user(alice))
+    go(directive)
+
+    directive = reload(directive)
+    assert (directive.status, directive.pr_url) == (Directive.Status.COMPLETED, PR)
+    assert tasks(directive, Task.Kind.COMPLETION) == [task]  # its work was not redone
+
+
+def test_a_directive_resumed_while_its_completion_runs_waits_for_that_task(alice):
+    directive = all_passed(alice, repository_url=GITHUB)
+    task = directive.completion_task
+    directive_pause(directive=directive, actor=Actor.for_user(alice))
+    directive_resume(directive=directive, actor=Actor.for_user(alice))
+    go(directive)
+
+    directive = reload(directive)
+    assert (directive.status, directive.completion_task_id) == (Directive.Status.COMPLETING, task.pk)
+    assert tasks(directive, Task.Kind.COMPLETION) == [task]
+    finish(task, summary=f"Opened {PR}")
+    assert reload(directive).status == Directive.Status.COMPLETED
+
+
+def test_a_completion_that_failed_while_paused_starts_over_on_resume(alice):
+    directive = all_passed(alice, repository_url=GITHUB)
+    first = directive.completion_task
+    directive_pause(directive=directive, actor=Actor.for_user(alice))
+    finish(first, Task.Status.FAILED, error="merge conflict")
+    directive_resume(directive=directive, actor=Actor.for_user(alice))
+    go(directive)
+
+    directive = reload(directive)
+    assert directive.status == Directive.Status.COMPLETING
+    assert directive.completion_task not in (None, first)
+    assert len(tasks(directive, Task.Kind.COMPLETION)) == 2

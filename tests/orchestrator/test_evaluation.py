@@ -445,3 +445,5 @@ def test_a_manual_evaluation_of_a_passed_step_dispatches_a_monitoring_task(alice
 
     a = evaluate(a, verdict(0.3, passed=False))
     assert a.rework_count == 1
+    kinds = list(Evaluation.objects.filter(step=a).order_by("created_at").values_list("kind", flat=True))
+    assert kinds == [Evaluation.Kind.AGENT, Evaluation.Kind.MANUAL]
