@@ -793,6 +793,13 @@ STEPS_ACCEPTING = frozenset(
 )
 
 
+def same_dependency(a: tuple[str, Step | None], b: tuple[str, Step | None]) -> bool:
+    """Whether two resolved dependencies (a batch name, or an existing step) are the same step."""
+    if a[1] is not None and b[1] is not None:
+        return a[1].pk == b[1].pk
+    return a[1] is None and b[1] is None and a[0] == b[0]
+
+
 def steps_add(*, directive: Directive, specs: Sequence[StepSpec], actor: Actor) -> list[Step]:
     """Add steps to a directive, all or none.
 
@@ -842,18 +849,14 @@ def steps_add(*, directive: Directive, specs: Sequence[StepSpec], actor: Actor) 
         resolved: dict[str, list[tuple[str, Step | None]]] = {}
         for spec in specs:
             deps: list[tuple[str, Step | None]] = []
-            seen_refs: set[str] = set()
             for ref in spec.depends_on:
-                if ref in seen_refs:
-                    errors.append(f"step '{spec.name}': depends on '{ref}' more than once")
-                    continue
-                seen_refs.add(ref)
+                dep: tuple[str, Step | None] | None = None
                 if ref == spec.name:
                     errors.append(f"step '{spec.name}': depends on itself")
                 elif ref in batch_names:
-                    deps.append((ref, None))
+                    dep = (ref, None)
                 elif ref in existing_by_name:
-                    deps.append((ref, existing_by_name[ref]))
+                    dep = (ref, existing_by_name[ref])
                 else:
                     try:
                         target = steps_by_id.get(uuid.UUID(ref))
@@ -864,7 +867,14 @@ def steps_add(*, directive: Directive, specs: Sequence[StepSpec], actor: Actor) 
                     elif target.directive_id != directive.pk:
                         errors.append(f"step '{spec.name}': dependency '{ref}' belongs to another directive")
                     else:
-                        deps.append((str(target.pk), target))
+                        dep = (str(target.pk), target)
+                if dep is None:
+                    continue
+                # The same step named twice, or by its name and by its id, would be a duplicate link.
+                if any(same_dependency(dep, other) for other in deps):
+                    errors.append(f"step '{spec.name}': depends on '{ref}' more than once")
+                    continue
+                deps.append(dep)
             resolved[spec.name] = deps
 
         if not errors:

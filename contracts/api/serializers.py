@@ -118,6 +118,8 @@ class TaskSerializer(serializers.ModelSerializer):
     """A task as agents and the dashboard see it. Tokens are never part of it."""
 
     merge_branches = serializers.ListField(child=serializers.CharField(), read_only=True)
+    daemon_name = serializers.CharField(source="daemon.name", read_only=True, default=None, allow_null=True)
+    verifier_results = serializers.ListField(child=serializers.DictField(), read_only=True)
 
     class Meta:
         model = Task
@@ -132,6 +134,7 @@ class TaskSerializer(serializers.ModelSerializer):
             "step",
             "contract",
             "daemon",
+            "daemon_name",
             "is_supervisor",
             "attempt",
             "priority",
@@ -146,6 +149,7 @@ class TaskSerializer(serializers.ModelSerializer):
             "summary",
             "question",
             "commit_sha",
+            "verifier_results",
             "cost_usd",
             "supervisor_completed_at",
             "started_at",

@@ -192,7 +192,7 @@ class TaskViewSet(TaskTokenScope, viewsets.ReadOnlyModelViewSet):
     scope_contract_field = "contract_id"
 
     def get_queryset(self) -> QuerySet[Task]:
-        queryset = selectors.tasks_visible_to(self.request.user)
+        queryset = selectors.tasks_visible_to(self.request.user).select_related("daemon")
         if self.action == "list":
             queryset = narrow_to_task_token(
                 queryset, self.request, directive_field="directive_id", contract_field="contract_id"

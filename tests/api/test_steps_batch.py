@@ -179,6 +179,15 @@ def test_a_dependency_on_another_directives_step_is_refused(client, alice, direc
     assert footprint(directive) == before
 
 
+def test_one_existing_step_named_by_its_name_and_by_its_id_is_a_repeated_dependency(client, directive):
+    existing = Step.objects.get(directive=directive, name="Existing")
+    before = footprint(directive)
+    response = batch(client, directive, {"steps": [{"name": "B", "depends_on": ["Existing", str(existing.pk)]}]})
+    assert response.status_code == 400
+    assert response.json()["errors"]["steps"] == [f"step 'B': depends on '{existing.pk}' more than once"]
+    assert footprint(directive) == before
+
+
 def test_every_problem_of_a_batch_is_reported_at_once(client, directive):
     body = {"steps": [{"name": "A", "depends_on": ["Nope"]}, {"name": "A"}, {"name": "B", "depends_on": ["Z"]}]}
     response = batch(client, directive, body)
