@@ -432,6 +432,8 @@ def daemon_run(ctx: Context) -> int:
     if not args.token:
         raise UsageError("MAKIMA_DAEMON_TOKEN is not set: export it or pass --token TOKEN")
     args.agents = agents_from(args.agents) or ["claude"]
+    if "command" in args.agents and not args.command_line:
+        raise UsageError("the command agent needs a program: pass --command-line CMD or set MAKIMA_AGENT_COMMAND")
     from makima.worker import daemon
 
     return daemon.main(args)
@@ -556,6 +558,12 @@ def add_daemon_commands(subparsers: Any) -> None:
     )
     run.add_argument("--script", type=Path, metavar="PATH", help="the scripted agent's script")
     run.add_argument("--claude-bin", default="claude", metavar="PATH", help="the Claude Code program (default: claude)")
+    run.add_argument(
+        "--command-line",
+        metavar="CMD",
+        default=os.environ.get("MAKIMA_AGENT_COMMAND"),
+        help="the program the `command` agent runs, prompt on stdin (default: $MAKIMA_AGENT_COMMAND)",
+    )
     run.add_argument("--heartbeat-s", type=seconds, metavar="S", help="default: the server's")
     run.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 

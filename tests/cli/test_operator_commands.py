@@ -212,6 +212,7 @@ def test_daemon_run_hands_its_options_to_the_worker(worker, tmp_path):
     argv = ["daemon", "run", "--server", "http://makima:8000", "--token", "mkd_secret", "--name", "box-1"]
     argv += ["--agent", "scripted", "--agent", "claude,command", "--max-tasks", "4", "--workdir", str(tmp_path)]
     argv += ["--script", "demo.yaml", "--claude-bin", "/opt/claude", "--heartbeat-s", "1.5", "--log-level", "debug"]
+    argv += ["--command-line", "aider --yes"]
 
     assert cli.main(argv) == 0
 
@@ -220,6 +221,16 @@ def test_daemon_run_hands_its_options_to_the_worker(worker, tmp_path):
     assert options.agents == ["scripted", "claude", "command"]
     assert (options.max_tasks, options.workdir, options.script) == (4, tmp_path, Path("demo.yaml"))
     assert (options.claude_bin, options.heartbeat_s, options.log_level) == ("/opt/claude", 1.5, "DEBUG")
+    assert options.command_line == "aider --yes"
+
+
+def test_daemon_run_refuses_the_command_agent_without_a_program(worker, capsys, monkeypatch):
+    monkeypatch.delenv("MAKIMA_AGENT_COMMAND", raising=False)
+    argv = ["daemon", "run", "--server", "http://makima:8000", "--token", "mkd_secret", "--agent", "command"]
+
+    assert cli.main(argv) == 2
+    assert "--command-line CMD" in capsys.readouterr().err
+    assert not hasattr(worker, "options")
 
 
 def test_daemon_run_reads_the_server_and_token_from_the_environment(worker, monkeypatch):
