@@ -19,20 +19,49 @@ cmd=${1:-run}
 case "$cmd" in
   run)
     install
-    .venv/bin/python manage.py migrate --noinput
-    .venv/bin/python manage.py setup_schedules
-    .venv/bin/python manage.py demo_setup
-    # The django-q2 cluster runs the orchestrator's safety-net tick; Ctrl-C stops it too.
-    .venv/bin/python manage.py qcluster &
-    cluster=$!
-    trap 'kill "$cluster" 2>/dev/null; wait "$cluster" 2>/dev/null' EXIT INT TERM
-    echo "makima: http://127.0.0.1:${PORT}/admin/  (API docs: http://127.0.0.1:${PORT}/api/docs/)"
+    export PATH="$PWD/.venv/bin:$PATH"  # the daemon's agents and verifiers use this Python
+    export MAKIMA_PUBLIC_URL=${MAKIMA_PUBLIC_URL:-http://127.0.0.1:${PORT}}
+    python manage.py migrate --noinput
+    python manage.py setup_schedules
+    demo=$(python manage.py demo_setup --start)
+    echo "$demo"
+    directive=$(echo "$demo" | sed -n 's/^Demo directive: \([0-9a-f-]*\).*/\1/p')
+    token=$(python manage.py createapikey demo --daemon --name "local daemon" | tail -n 1)
+    key=$(python manage.py createapikey demo --name "demo watch" | tail -n 1)
+    pids=()
+    stop() {
+      trap - EXIT INT TERM
+      [ ${#pids[@]} -gt 0 ] && kill "${pids[@]}" 2>/dev/null
+      wait 2>/dev/null
+      exit 0
+    }
+    trap stop EXIT INT TERM
+    # The django-q2 cluster runs the orchestrator's safety-net tick.
+    python manage.py qcluster &
+    pids+=($!)
     # daphne drops websocket frames over its own limit silently; let makima's
     # limit (MAKIMA_WS_MAX_BYTES) answer them with `too_large` instead.
     ws_limit=$(( 2 * ${MAKIMA_WS_MAX_BYTES:-1048576} ))
-    .venv/bin/python -m daphne -b 127.0.0.1 -p "$PORT" \
+    python -m daphne -b 127.0.0.1 -p "$PORT" \
       --websocket-max-message-size "$ws_limit" --websocket-max-frame-size "$ws_limit" \
-      makima.asgi:application
+      makima.asgi:application &
+    pids+=($!)
+    for _ in $(seq 50); do
+      python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:${PORT}/admin/login/', timeout=1)" \
+        2>/dev/null && break
+      sleep 0.2
+    done
+    # A local daemon with the scripted agent works on the demo repository.
+    makima daemon run --server "http://127.0.0.1:${PORT}" --token "$token" --name local \
+      --agent scripted --max-tasks 4 --workdir var/daemon &
+    pids+=($!)
+    echo
+    echo "makima is running: http://127.0.0.1:${PORT}/  (API docs: http://127.0.0.1:${PORT}/api/docs/)"
+    echo "$demo" | sed -n 's/^Demo user [a-z]*: \(.*\) \/ \(.*\)/sign in as \1, password \2/p'
+    echo "watch the demo directive in another terminal:"
+    echo "  .venv/bin/makima --url http://127.0.0.1:${PORT} --api-key $key directive watch $directive"
+    echo "Ctrl-C stops everything."
+    wait -n "${pids[@]}"
     ;;
   test)
     install

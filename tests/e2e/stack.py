@@ -1,7 +1,9 @@
 """A real makima server for end-to-end tests: a fresh database (a SQLite file,
 or a new PostgreSQL database when DATABASE_URL points at PostgreSQL), migrated
 by `manage.py`, a user with an API key and a daemon token made by
-`createapikey`, and daphne serving `makima.asgi:application` on a free port."""
+`createapikey`, and daphne serving `makima.asgi:application` on a free port;
+optionally a django-q2 cluster running the orchestrator's tick, and real
+`makima daemon run` processes."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,8 +32,57 @@ class Stack:
     env: dict[str, str]
     log: Path
 
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
     def manage(self, *args: str) -> str:
         return manage(self.env, *args)
+
+    def start_daemon(
+        self,
+        name: str,
+        workdir: Path,
+        *,
+        agents: tuple[str, ...] = ("scripted",),
+        max_tasks: int = 2,
+        extra: tuple[str, ...] = (),
+    ) -> subprocess.Popen:
+        """A real `makima daemon run` process; its log is ``<workdir>.log``."""
+        workdir.mkdir(parents=True, exist_ok=True)
+        log = open(f"{workdir}.log", "a")  # noqa: SIM115 — closed with the process
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "makima.cli",
+                "daemon",
+                "run",
+                "--server",
+                self.base_url,
+                "--token",
+                self.daemon_token,
+                "--name",
+                name,
+                "--max-tasks",
+                str(max_tasks),
+                "--workdir",
+                str(workdir),
+                *(arg for agent in agents for arg in ("--agent", agent)),
+                *extra,
+            ],
+            cwd=workdir,
+            env=self.daemon_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        self.processes.append(process)
+        return process
+
+    @property
+    def daemon_env(self) -> dict[str, str]:
+        """A worker machine's environment: no server settings, and this Python first on PATH."""
+        env = {k: v for k, v in self.env.items() if k not in ("DATABASE_URL", "REDIS_URL", "DJANGO_SETTINGS_MODULE")}
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        return env
 
 
 def free_port() -> int:
@@ -70,7 +121,10 @@ def database_url() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def running_stack(*, extra_env: dict[str, str] | None = None) -> Iterator[Stack]:
+def running_stack(*, extra_env: dict[str, str] | None = None, cluster: bool = False) -> Iterator[Stack]:
+    """The server (and with ``cluster`` a django-q2 cluster running the tick
+    every ``MAKIMA_TICK_SECONDS``); every process is stopped on exit, daemons
+    started through :meth:`Stack.start_daemon` included."""
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     with database_url() as db_url, tempfile.TemporaryDirectory(prefix="makima-e2e-log-") as logs:
@@ -110,22 +164,39 @@ def running_stack(*, extra_env: dict[str, str] | None = None) -> Iterator[Stack]
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
+            stack = Stack(
+                base_url=base_url,
+                ws_url=f"ws://127.0.0.1:{port}/ws/daemon/",
+                api_key=api_key,
+                daemon_token=daemon_token,
+                env=env,
+                log=log,
+            )
+            stack.processes.append(server)
             try:
                 _wait_until_up(base_url, server, log)
-                yield Stack(
-                    base_url=base_url,
-                    ws_url=f"ws://127.0.0.1:{port}/ws/daemon/",
-                    api_key=api_key,
-                    daemon_token=daemon_token,
-                    env=env,
-                    log=log,
-                )
+                if cluster:
+                    manage(env, "setup_schedules")
+                    stack.processes.append(
+                        subprocess.Popen(
+                            [sys.executable, "manage.py", "qcluster"],
+                            cwd=ROOT,
+                            env=env,
+                            stdout=open(Path(logs) / "cluster.log", "w"),  # noqa: SIM115
+                            stderr=subprocess.STDOUT,
+                        )
+                    )
+                yield stack
             finally:
-                server.terminate()
-                try:
-                    server.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    server.kill()
+                for process in reversed(stack.processes):
+                    if process.poll() is None:
+                        process.terminate()
+                for process in reversed(stack.processes):
+                    try:
+                        process.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        process.kill()
+                        process.wait()
 
 
 def _wait_until_up(base_url: str, server: subprocess.Popen, log: Path) -> None:

@@ -1,30 +1,41 @@
-"""Create (or refresh) the demo user and a sample directive for the local stack."""
+"""Create (or refresh) the demo user, the demo repository and the demo directive."""
 
 from __future__ import annotations
 
 import secrets
+from pathlib import Path
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 from django.db import transaction
 
+from directives import demo
 from directives.models import Directive
-from directives.services import StepSpec, directive_create, steps_add
+from directives.services import directive_create, directive_start
 from makima.state import Actor
-
-DEMO_TITLE = "Add a greeting module"
 
 
 class Command(BaseCommand):
-    help = "Create the demo user (with a fresh password, printed) and a sample draft directive."
+    help = (
+        "Create the demo user (with a fresh password, printed), a bare git repository holding a small "
+        "Python package, and a demo directive on it that the scripted agent plans as a diamond of steps."
+    )
 
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument("--username", default="demo")
         parser.add_argument("--password", help="Use this password instead of a random one.")
+        parser.add_argument(
+            "--repository",
+            default=str(Path(settings.BASE_DIR) / "var" / "demo" / "greeter.git"),
+            help="Where the demo's bare repository lives (created if missing).",
+        )
+        parser.add_argument("--start", action="store_true", help="Start the demo directive.")
 
-    def handle(self, *args: Any, username: str, password: str | None, **options: Any) -> None:
+    def handle(self, *args: Any, username: str, password: str | None, repository: str, start: bool, **options: Any):
         password = password or secrets.token_urlsafe(9)
+        path = demo.build_repository(Path(repository))
         User = get_user_model()
         with transaction.atomic():
             user, created = User.objects.get_or_create(username=username, defaults={"email": f"{username}@localhost"})
@@ -32,30 +43,17 @@ class Command(BaseCommand):
             user.is_superuser = True
             user.set_password(password)
             user.save()
-            if not Directive.objects.filter(owner=user, title=DEMO_TITLE).exists():
-                directive = directive_create(
-                    owner=user,
-                    title=DEMO_TITLE,
-                    goal="Add a `greet(name)` function to the demo package, with tests and documentation.",
-                    requirements=["greet('Ada') returns 'Hello, Ada!'"],
-                    acceptance_criteria=["pytest passes", "README documents greet()"],
-                    constraints=["Standard library only"],
-                    repository_url="demo-repo",
-                    agent="scripted",
-                    verifiers=["pytest -q"],
-                )
-                steps_add(
-                    directive=directive,
-                    specs=[
-                        StepSpec(name="Design the API", step_type="design", order_index=0),
-                        StepSpec(name="Implement greet", step_type="implement", depends_on=["Design the API"]),
-                        StepSpec(name="Write tests", step_type="test", depends_on=["Design the API"]),
-                        StepSpec(
-                            name="Document greet",
-                            step_type="document",
-                            depends_on=["Implement greet", "Write tests"],
-                        ),
-                    ],
-                    actor=Actor.for_user(user),
-                )
+            # A finished demo gets a fresh one, so that every run shows the whole lifecycle.
+            directive = (
+                Directive.objects.filter(owner=user, title=demo.TITLE)
+                .exclude(status__in=Directive.TERMINAL)
+                .order_by("-created_at")
+                .first()
+            )
+            if directive is None:
+                directive = directive_create(owner=user, repository_url=str(path), **demo.DIRECTIVE)
+            if start and directive.status == Directive.Status.DRAFT:
+                directive_start(directive=directive, actor=Actor.for_user(user))
         self.stdout.write(f"Demo user {'created' if created else 'updated'}: {username} / {password}")
+        self.stdout.write(f"Demo repository: {path}")
+        self.stdout.write(f"Demo directive: {directive.pk} ({directive.status})")
