@@ -2,12 +2,18 @@
 directive whose scripted agent plans a diamond of steps on it.
 
 The scripted agent reads its script from ``.makima/script.yaml`` in the
-repository, so every worktree the daemon makes carries it. Step B's first
+repository, so every worktree the daemon makes carries it. Greet's first
 attempt ships a bug that the ``pytest`` verifier catches; the rework fixes it.
+
+A second directive (``REVIEW_DIRECTIVE``, on a repository of its own whose
+script is ``REVIEW_SCRIPT``) runs the same plan under guided autonomy, where
+Farewell's evaluation is marginal (yellow): it waits for a person to approve
+it in the dashboard's inbox.
 """
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import tempfile
 from pathlib import Path
@@ -89,6 +95,10 @@ README_DONE = PACKAGE["README.md"] + (
     ">>> from greeter.farewell import farewell\n>>> farewell('Ada')\n'Goodbye, Ada.'\n```\n"
 )
 
+REVIEW_TITLE = f"{TITLE} (with a review)"
+
+REVIEW_DIRECTIVE: dict[str, Any] = {**DIRECTIVE, "title": REVIEW_TITLE, "autonomy_level": "guided"}
+
 GREEN = {
     "passed": True,
     "overallScore": 0.95,
@@ -147,6 +157,33 @@ SCRIPT: dict[str, Any] = {
 }
 
 
+# With the verifiers passing (1.0), the composite score is (0.4 + 1.0) / 2 =
+# 0.7: marginal (yellow) under the default thresholds.
+YELLOW = {
+    "passed": True,
+    "overallScore": 0.4,
+    "confidenceLevel": "yellow",
+    "criteriaResults": [
+        {"criterion": "python -m pytest passes", "passed": True, "score": 1.0, "evidence": "ran"},
+        {"criterion": "README documents greet() and farewell()", "passed": False, "score": 0.3, "evidence": "not yet"},
+    ],
+    "summaryFeedback": "farewell() works, but an empty name gives 'Goodbye, .' - a person should decide.",
+    "reworkInstructions": "Decide what farewell('') should return and test it.",
+}
+
+REVIEW_SCRIPT: dict[str, Any] = {**copy.deepcopy(SCRIPT), "evaluations": {"Farewell": YELLOW, "*": GREEN}}
+
+
+def paced(script: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """``script`` with every execution step taking at least ``seconds``, so that
+    a person watching the dashboard sees each step run."""
+    script = copy.deepcopy(script)
+    if seconds > 0:
+        for entry in script["steps"].values():
+            entry["sleep"] = seconds
+    return script
+
+
 def _git(*args: str, cwd: Path) -> str:
     result = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=60)
     if result.returncode != 0:
@@ -154,9 +191,10 @@ def _git(*args: str, cwd: Path) -> str:
     return result.stdout.strip()
 
 
-def build_repository(path: Path) -> Path:
+def build_repository(path: Path, *, script: dict[str, Any] | None = None) -> Path:
     """Create the demo's bare repository at ``path`` (``main`` holds the
-    package and the agent's script) unless it already exists."""
+    package and the agent's ``script``, ``SCRIPT`` by default) unless it
+    already exists."""
     path = path.resolve()
     if (path / "HEAD").exists():
         return path
@@ -165,7 +203,7 @@ def build_repository(path: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix="makima-demo-") as folder:
         work = Path(folder)
         _git("init", "--quiet", "--initial-branch=main", cwd=work)
-        files = {**PACKAGE, ".makima/script.yaml": yaml.safe_dump(SCRIPT, sort_keys=False, width=100)}
+        files = {**PACKAGE, ".makima/script.yaml": yaml.safe_dump(script or SCRIPT, sort_keys=False, width=100)}
         for name, content in files.items():
             target = work / name
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""``demo_setup``: the demo user, repository and directive of the local stack."""
+"""``demo_setup``: the demo user, repositories and directives of the local stack."""
 
 from __future__ import annotations
 
@@ -78,3 +78,29 @@ def test_the_demo_package_tests_pass_on_main_and_the_buggy_greet_fails_them(tmp_
     for name, content in attempts[1]["write"].items():
         (work / name).write_text(content)
     assert subprocess.run(pytest_cmd, cwd=work, capture_output=True).returncode == 0
+
+
+@pytest.mark.django_db
+def test_demo_setup_also_creates_a_guided_directive_whose_farewell_evaluation_waits_for_a_person(tmp_path):
+    run_setup(tmp_path, "--start")
+
+    [review] = Directive.objects.filter(title=demo.REVIEW_TITLE)
+    assert (review.status, review.autonomy_level) == ("planning", "guided")
+    repository = tmp_path / "greeter-review.git"
+    assert review.repository_url == str(repository.resolve())
+    script = yaml.safe_load(git_show(repository, ".makima/script.yaml"))
+    assert script["evaluations"]["Farewell"]["confidenceLevel"] == "yellow"
+    assert script["evaluations"]["*"]["confidenceLevel"] == "green"
+    # The self-running demo's script has no marginal evaluation.
+    assert list(yaml.safe_load(git_show(tmp_path / "greeter.git", ".makima/script.yaml"))["evaluations"]) == ["*"]
+
+
+@pytest.mark.django_db
+def test_every_demo_step_takes_the_pace_so_that_a_watcher_sees_it_run(tmp_path):
+    run_setup(tmp_path, "--pace", "2.5")
+
+    script = yaml.safe_load(git_show(tmp_path / "greeter.git", ".makima/script.yaml"))
+    assert {name: entry["sleep"] for name, entry in script["steps"].items()} == dict.fromkeys(
+        ["Names", "Greet", "Farewell", "Document"], 2.5
+    )
+    assert "sleep" not in demo.SCRIPT["steps"]["Names"]  # the module's script stays unpaced for tests
