@@ -737,3 +737,61 @@ def task_finished_consequences(*, task_id: Any, owner_id: Any) -> None:
         task_dispatch_pending(owner_ids=[owner_id])
     except Exception:
         logger.exception("dispatching pending tasks of owner %s failed", owner_id)
+
+
+# --------------------------------------------------------------------------- answering a paused task
+
+# An answer travels to the daemon in one websocket frame; keep it far below the frame limit.
+TASK_MESSAGE_MAX_CHARS = 10_000
+
+
+def task_answer(*, task: Task, message: str, actor: Actor) -> Any:
+    """A person answers a paused task's question: queue a ``send_message`` for
+    its daemon and wake the daemon's connection. Returns the ``DaemonCommand``.
+
+    The task stays ``paused`` until the daemon acknowledges the command
+    (:func:`task_resume_after_message`). Raises ``Conflict`` when the task is
+    not paused, has no daemon, or an earlier answer is still on its way.
+    """
+    from daemons.models import DaemonCommand
+    from daemons.services import command_enqueue, daemon_wake
+
+    if not isinstance(message, str) or not message.strip():
+        raise ValidationError({"message": "must not be empty"})
+    if len(message) > TASK_MESSAGE_MAX_CHARS:
+        raise ValidationError({"message": f"may hold at most {TASK_MESSAGE_MAX_CHARS} characters"})
+    with transaction.atomic():
+        # The row lock orders two answers (two tabs, a double click) and the daemon's reports.
+        current = Task.objects.select_for_update().filter(pk=task.pk).first()
+        if current is None:
+            raise Conflict("the task no longer exists")
+        if current.status != Task.Status.PAUSED:
+            raise Conflict(f"only a paused task can be answered; this one is {current.status}")
+        if current.daemon_id is None:
+            raise Conflict("the task has no daemon to deliver the answer to")
+        undelivered = DaemonCommand.objects.filter(
+            task=current,
+            command_type=DaemonCommand.CommandType.SEND_MESSAGE,
+            status__in=[DaemonCommand.Status.QUEUED, DaemonCommand.Status.SENT],
+        )
+        if undelivered.exists():
+            raise Conflict("an answer to this task is already on its way to its daemon")
+        command = command_enqueue(
+            daemon_id=current.daemon_id,
+            owner_id=current.owner_id,
+            task=current,
+            command_type=DaemonCommand.CommandType.SEND_MESSAGE,
+            payload={"task_id": str(current.pk), "message": message},
+        )
+        event_record(
+            directive_id=current.directive_id,
+            step_id=current.step_id,
+            subject_type="task",
+            subject_id=current.pk,
+            event_type="task_answered",
+            message=message[:1000],
+            data={"command": str(command.pk), "name": current.name},
+            actor=actor,
+        )
+        daemon_wake(daemon_id=current.daemon_id)
+    return command

@@ -12,6 +12,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from contracts.models import Contract, ContractFile, ContractRepository, Task, TaskOutput
+from contracts.services import TASK_MESSAGE_MAX_CHARS
 
 # A task's output is read in pages of at most this many lines.
 OUTPUT_PAGE_DEFAULT = 200
@@ -159,6 +160,15 @@ class TaskSerializer(serializers.ModelSerializer):
             "updated_at",
         ]
         read_only_fields = fields
+
+
+class TaskMessageSerializer(serializers.Serializer):
+    """``POST /tasks/{id}/message/``: the answer to a paused task's question."""
+
+    message = StrictCharField(
+        max_length=TASK_MESSAGE_MAX_CHARS,
+        help_text=f"The answer handed to the waiting agent (1–{TASK_MESSAGE_MAX_CHARS} characters).",
+    )
 
 
 class TaskOutputSerializer(serializers.ModelSerializer):

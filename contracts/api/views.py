@@ -26,6 +26,7 @@ from contracts.api.serializers import (
     ContractFileDetailSerializer,
     ContractFileSerializer,
     ContractSerializer,
+    TaskMessageSerializer,
     TaskOutputPageSerializer,
     TaskOutputQuerySerializer,
     TaskOutputSerializer,
@@ -33,6 +34,7 @@ from contracts.api.serializers import (
 )
 from contracts.models import Contract, ContractFile, Task
 from makima.api import TaskTokenScope, actor_for, task_token
+from makima.errors import OutOfScope
 
 
 class OctetLength(Func):
@@ -244,3 +246,32 @@ class TaskViewSet(TaskTokenScope, viewsets.ReadOnlyModelViewSet):
     def complete(self, request: Request, pk: str | None = None) -> Response:
         task = services.task_supervisor_complete(task=self.get_object(), actor=actor_for(request))
         return Response(TaskSerializer(task, context=self.get_serializer_context()).data)
+
+    @extend_schema(
+        summary="Answer a paused task",
+        description=(
+            "Hands `message` to the agent of a paused task (its `question` says what it waits for). "
+            "The answer is queued for the task's daemon; the task runs again once the daemon has "
+            "delivered it. Answers come from people: task tokens are refused."
+        ),
+        request=TaskMessageSerializer,
+        responses={
+            200: TaskSerializer,
+            400: OpenApiResponse(description="No message, or one that is too long."),
+            403: OpenApiResponse(description="A task token cannot answer tasks."),
+            404: OpenApiResponse(description="No such task among those you can see."),
+            409: OpenApiResponse(
+                description="The task is not paused, has no daemon, or an earlier answer is still on its way."
+            ),
+        },
+    )
+    @action(detail=True, methods=["post"], url_path="message")
+    def message(self, request: Request, pk: str | None = None) -> Response:
+        task = self.get_object()
+        if task_token(request) is not None:
+            raise OutOfScope("Paused tasks are answered by people, not by task tokens.")
+        body = TaskMessageSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        services.task_answer(task=task, message=body.validated_data["message"], actor=actor_for(request))
+        fresh = self.get_queryset().get(pk=task.pk)
+        return Response(TaskSerializer(fresh, context=self.get_serializer_context()).data)
