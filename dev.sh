@@ -6,6 +6,21 @@ cd "$(dirname "$0")"
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 PORT=${PORT:-8000}
 
+# The browser tests drive Debian's chromium (never a downloaded browser).
+install_chromium() {
+  [ -n "${MAKIMA_CHROMIUM:-}" ] && return 0
+  command -v chromium >/dev/null 2>&1 && return 0
+  local sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  if command -v apt-get >/dev/null 2>&1; then
+    echo "installing Debian's chromium for the browser tests" >&2
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \
+      || { $sudo apt-get update -q >/dev/null && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }
+  else
+    echo "chromium not found: install it or set MAKIMA_CHROMIUM to its path (browser tests need it)" >&2
+  fi
+}
+
 install() {
   if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
@@ -58,13 +73,17 @@ case "$cmd" in
     echo
     echo "makima is running: http://127.0.0.1:${PORT}/  (API docs: http://127.0.0.1:${PORT}/api/docs/)"
     echo "$demo" | sed -n 's/^Demo user [a-z]*: \(.*\) \/ \(.*\)/sign in as \1, password \2/p'
-    echo "watch the demo directive in another terminal:"
+    review=$(echo "$demo" | sed -n 's/^Demo directive to review: \([0-9a-f-]*\).*/\1/p')
+    echo "the demo directive runs on its own: http://127.0.0.1:${PORT}/directives/${directive}/"
+    echo "the second one waits for your approval in the inbox: http://127.0.0.1:${PORT}/approvals/ (directive ${review})"
+    echo "or watch the first in another terminal:"
     echo "  .venv/bin/makima --url http://127.0.0.1:${PORT} --api-key $key directive watch $directive"
     echo "Ctrl-C stops everything."
     wait -n "${pids[@]}"
     ;;
   test)
     install
+    install_chromium
     exec .venv/bin/python -m pytest "$@"
     ;;
   *)

@@ -62,6 +62,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "makima.context_processors.navigation",
             ],
         },
     },
@@ -100,7 +101,9 @@ STORAGES = {
     },
 }
 
-LOGIN_URL = "/admin/login/"
+LOGIN_URL = "/accounts/login/"
+LOGIN_REDIRECT_URL = "/"
+LOGOUT_REDIRECT_URL = "/accounts/login/"
 
 # Channels: Redis when REDIS_URL is set, else the in-memory layer (one process).
 REDIS_URL = env_url("REDIS_URL", "", schemes=("redis", "rediss", "unix"))

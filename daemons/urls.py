@@ -1,0 +1,7 @@
+"""Dashboard pages of daemons and API keys."""
+
+from __future__ import annotations
+
+from daemons import views
+
+urlpatterns = [*views.urlpatterns]

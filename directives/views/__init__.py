@@ -1,0 +1,1 @@
+"""Dashboard views: server-rendered pages with small htmx partials."""
