@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import uuid
@@ -12,7 +13,7 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import Count, F, Q
+from django.db.models import Count, F, Max, Min, Q
 from django.utils import timezone
 from django.utils.text import slugify
 
@@ -20,6 +21,7 @@ from contracts.models import Contract, ContractFile, ContractRepository, Task, T
 from directives.models import Directive, DirectiveEvent
 from directives.services import event_record, status_transition
 from makima.errors import Conflict, OutOfScope
+from makima.logs import log_context
 from makima.state import SYSTEM, Actor, atomic_unit
 
 logger = logging.getLogger(__name__)
@@ -135,11 +137,21 @@ def _validate_body(body: Any) -> list[dict[str, Any]] | None:
     if not isinstance(body, list):
         raise ValidationError({"body": "must be a list of elements"})
     for index, element in enumerate(body, start=1):
-        if not isinstance(element, dict) or element.get("type") not in BODY_TYPES:
+        # isinstance first: `"type": {}` made the set lookup raise TypeError, a 500 (found by schemathesis).
+        if (
+            not isinstance(element, dict)
+            or not isinstance(element.get("type"), str)
+            or element["type"] not in BODY_TYPES
+        ):
             raise ValidationError({"body": f"element {index} needs a 'type' of code, markdown or paragraph"})
         text = element.get("content", element.get("text"))
         if not isinstance(text, str):
             raise ValidationError({"body": f"element {index} needs its text in 'content' or 'text'"})
+        # Every text field is text: `"language": {}` was stored and served back,
+        # breaking the API's schema for every reader of the file (found by schemathesis).
+        for key in ("content", "text", "language"):
+            if key in element and not isinstance(element[key], str):
+                raise ValidationError({"body": f"element {index}: '{key}' must be text"})
     return body
 
 
@@ -147,7 +159,8 @@ def contract_file_create(
     *, contract: Contract, name: str, content: str = "", body: Any = None, actor: Actor = SYSTEM
 ) -> ContractFile:
     """Add a file to a contract. Names are plain file names (no paths)."""
-    if not isinstance(name, str) or not FILE_NAME.match(name):
+    # fullmatch: with match, "$" also matched before a final newline, so "chain-plan\n" got in.
+    if not isinstance(name, str) or not FILE_NAME.fullmatch(name):
         raise ValidationError(
             {"name": "must be 1–200 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"}
         )
@@ -158,6 +171,13 @@ def contract_file_create(
     size = len(content.encode("utf-8"))
     if size > limit:
         raise ValidationError({"content": f"is {size} bytes; contract files may hold at most {limit} bytes"})
+    # The body counts too: without this a 4 MiB body rode along with an empty content.
+    if body is not None:
+        size += len(json.dumps(body, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+        if size > limit:
+            raise ValidationError(
+                {"body": f"content and body are {size} bytes; contract files may hold at most {limit} bytes"}
+            )
     if contract.status == Contract.Status.ARCHIVED:
         raise Conflict("files cannot be added to an archived contract")
     with transaction.atomic():
@@ -213,16 +233,53 @@ def task_supervisor_complete(*, task: Task, actor: Actor) -> Task:
 
 def task_output_append(*, task: Task, items: Iterable[Mapping[str, Any]]) -> int:
     """Store output lines; a ``(task, seq)`` already stored is ignored. Returns
-    how many items were offered. Content longer than the per-line limit is cut."""
+    how many items were offered. Content longer than the per-line limit is cut,
+    and a task keeps only its newest lines (:func:`task_output_trim`)."""
     limit = settings.MAKIMA_TASK_OUTPUT_MAX_BYTES
     rows = []
     for item in items:
         content = item["content"]
-        if len(content) > limit:
-            content = content[:limit] + "\n… [cut]"
+        # The limit is in bytes (MAKIMA_TASK_OUTPUT_MAX_BYTES): cutting at `limit`
+        # characters let a line of 4-byte characters keep four times as much.
+        if len(content) > limit // 4 and len(content.encode("utf-8", "surrogatepass")) > limit:
+            content = content.encode("utf-8", "surrogatepass")[:limit].decode("utf-8", "ignore") + "\n… [cut]"
         rows.append(TaskOutput(task=task, seq=item["seq"], stream=item.get("stream", "stdout"), content=content))
     TaskOutput.objects.bulk_create(rows, ignore_conflicts=True)
+    if rows:
+        task_output_trim(task=task)
     return len(rows)
+
+
+def task_output_trim(*, task: Task) -> int:
+    """Retention: a task keeps at most ``MAKIMA_TASK_OUTPUT_MAX_LINES`` lines of
+    output, the newest. The oldest go, and a ``system`` line takes the place of
+    the last one dropped (its ``seq``), saying that lines 1 to that ``seq`` were
+    dropped; readers that follow with ``after_seq`` see nothing change. Returns
+    how many rows were deleted. Without it, an agent printing without end filled
+    the database."""
+    keep = settings.MAKIMA_TASK_OUTPUT_MAX_LINES
+    lines = TaskOutput.objects.filter(task=task)
+    bounds = lines.aggregate(low=Min("seq"), high=Max("seq"))
+    if bounds["high"] is None or bounds["high"] - bounds["low"] + 1 <= keep:
+        return 0  # seqs are unique per task, so there are at most `keep` rows: the usual, cheap case
+    # The oldest line kept: keep - 1 lines, plus the marker.
+    oldest_kept = lines.order_by("-seq").values_list("seq", flat=True)[keep - 2 : keep - 1].first()
+    if oldest_kept is None:
+        return 0  # gaps in seq: fewer rows than the range suggests
+    marker = TaskOutput(
+        task=task,
+        seq=oldest_kept - 1,
+        stream=TaskOutput.Stream.SYSTEM,
+        content=(
+            f"[makima] output lines 1–{oldest_kept - 1} were dropped: a task keeps at most "
+            f"{keep} lines of output, the newest (MAKIMA_TASK_OUTPUT_MAX_LINES)."
+        ),
+    )
+    with transaction.atomic():
+        deleted, _ = lines.filter(seq__lt=oldest_kept).delete()
+        # A concurrent trim may have put the same marker there first.
+        TaskOutput.objects.bulk_create([marker], ignore_conflicts=True)
+    return deleted
 
 
 def task_cancel_for_directive(*, directive: Directive, actor: Actor, reason: str) -> int:
@@ -238,8 +295,14 @@ def task_cancel(*, tasks: Iterable[Task], actor: Actor = SYSTEM, reason: str) ->
     from daemons.services import command_enqueue, daemon_wake
 
     count = 0
-    for task in tasks:
+    for listed in tasks:
         with transaction.atomic():
+            # Re-read under a lock: the status the caller read may be stale (a
+            # daemon's `task_started` committing in between), and comparing with
+            # it would leave a started task running on a stopped directive.
+            task = Task.objects.select_for_update().filter(pk=listed.pk).first()
+            if task is None or task.status in Task.TERMINAL:
+                continue
             if not task_transition(
                 task=task, to=Task.Status.CANCELLED, actor=actor, message=reason, expected=task.status
             ):
@@ -728,15 +791,16 @@ def task_finished_consequences(*, task_id: Any, owner_id: Any) -> None:
     the report is stored and the orchestrator tick retries both."""
     from directives.lifecycle import on_task_finished
 
-    try:
-        on_task_finished(task_id=task_id)  # ends with the owner-wide dispatch
-        return
-    except Exception:
-        logger.exception("handling the end of task %s failed", task_id)
-    try:
-        task_dispatch_pending(owner_ids=[owner_id])
-    except Exception:
-        logger.exception("dispatching pending tasks of owner %s failed", owner_id)
+    with log_context(task=task_id):  # on_task_finished adds the directive and step
+        try:
+            on_task_finished(task_id=task_id)  # ends with the owner-wide dispatch
+            return
+        except Exception:
+            logger.exception("handling the end of task %s failed", task_id)
+        try:
+            task_dispatch_pending(owner_ids=[owner_id])
+        except Exception:
+            logger.exception("dispatching pending tasks of owner %s failed", owner_id)
 
 
 # --------------------------------------------------------------------------- answering a paused task

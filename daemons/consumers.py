@@ -14,12 +14,15 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from typing import Any
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
+from django.db import InterfaceError, OperationalError
+from django.utils import timezone
 
 from contracts.services import (
     NotYourTask,
@@ -55,11 +58,15 @@ from daemons.services import (
     daemon_heartbeat,
     daemon_hello,
     token_authenticate,
+    token_group,
 )
+from makima.logs import log_context
 
 logger = logging.getLogger(__name__)
 
 DAEMON_TOKEN = frozenset({ApiToken.Kind.DAEMON})
+# How long a message is handled again while the database is unreachable before the socket is closed.
+DB_RETRY_S = 20.0
 
 
 def _db(function: Any) -> Any:
@@ -73,6 +80,7 @@ class DaemonConsumer(AsyncJsonWebsocketConsumer):
         super().__init__(*args, **kwargs)
         self.owner: Any = None
         self.token_id: Any = None
+        self.token_expires_at: Any = None
         self.daemon: Daemon | None = None
         self.connection_id = ""
         self.closed = False
@@ -103,6 +111,15 @@ class DaemonConsumer(AsyncJsonWebsocketConsumer):
             return
         self.owner = token.owner
         self.token_id = token.pk
+        # Revoking the token reaches every socket it opened through this group
+        # (token_revoked below); its expiry is checked on every frame (receive).
+        self.token_expires_at = token.expires_at
+        group = token_group(token.pk)
+        try:
+            await self.channel_layer.group_add(group, self.channel_name)
+            self.groups.append(group)
+        except Exception:  # the outbox poll still notices a revoked token, a little later
+            logger.warning("could not join %s", group, exc_info=True)
         self.bucket = TokenBucket(
             rate=settings.MAKIMA_WS_RATE_PER_S, burst=settings.MAKIMA_WS_RATE_BURST, clock=time.monotonic
         )
@@ -131,6 +148,9 @@ class DaemonConsumer(AsyncJsonWebsocketConsumer):
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any) -> None:
         """Size and rate checks on the raw frame, then JSON decoding and dispatch."""
         if self.closed:
+            return
+        if self.token_expires_at is not None and timezone.now() >= self.token_expires_at:
+            await self._close(CloseCode.UNAUTHORIZED)  # expired while connected: nothing more is accepted
             return
         limit = settings.MAKIMA_WS_MAX_BYTES
         raw = text_data if text_data is not None else bytes_data or b""
@@ -165,22 +185,48 @@ class DaemonConsumer(AsyncJsonWebsocketConsumer):
         if self.daemon is None and kind != "hello":
             await self._error(ErrorCode.HELLO_REQUIRED, "the first message must be hello", ref)
             return
-        try:
-            payload = validate_message(content)
-            # validate_message accepts only the protocol's types, so this names an existing handler.
-            await getattr(self, f"handle_{kind}")(payload)
-        except ProtocolError as exc:
-            await self._error(exc.code, exc.message, exc.ref if exc.ref is not None else ref)
-        except NotYourTask as exc:
-            await self._error(ErrorCode.NOT_YOUR_TASK, str(exc), ref)
-        except Exception:
-            # A bug or a database failure: the message may be lost, so close and let
-            # the daemon reconnect and re-send what it still holds (task_finished).
-            logger.exception("daemon %s: handling %s failed", self._name(), kind)
-            await self._close(CloseCode.INTERNAL_ERROR)
+        # Log lines written while handling it (services included) name the daemon and the task.
+        with log_context(daemon=self.daemon.name if self.daemon else content.get("name"), task=_task_id(content)):
+            try:
+                payload = validate_message(content)
+                # validate_message accepts only the protocol's types, so this names an existing handler.
+                await self._handle(kind, payload)
+            except ProtocolError as exc:
+                await self._error(exc.code, exc.message, exc.ref if exc.ref is not None else ref)
+            except NotYourTask as exc:
+                await self._error(ErrorCode.NOT_YOUR_TASK, str(exc), ref)
+            except Exception:
+                # A bug or a database failure: the message may be lost, so close and let
+                # the daemon reconnect and re-send what it still holds (task_finished).
+                logger.exception("daemon %s: handling %s failed", self._name(), kind)
+                await self._close(CloseCode.INTERNAL_ERROR)
 
     def _name(self) -> str:
         return self.daemon.name if self.daemon is not None else "?"
+
+    async def _handle(self, kind: str, payload: dict[str, Any]) -> None:
+        """``handle_<kind>``, again while the database is unreachable (a restart or
+        a failover cuts every connection for a moment; a deadlock is worth another
+        try too). Closing the socket instead would lose what the daemon does not
+        keep once sent (task_output batches, found by tests/faults/test_database_restart.py).
+        Every message but hello is idempotent: a repeated report, ack, heartbeat
+        or output batch changes nothing. A failed hello closes the socket as before:
+        the daemon says hello again on a new one."""
+        handler = getattr(self, f"handle_{kind}")
+        if kind == "hello":
+            await handler(payload)
+            return
+        delay, deadline = 0.1, time.monotonic() + DB_RETRY_S
+        while True:
+            try:
+                await handler(payload)
+                return
+            except (OperationalError, InterfaceError) as exc:
+                if self.closed or time.monotonic() + delay > deadline:
+                    raise
+                logger.warning("daemon %s: %s; handling %s again in %.1f s", self._name(), exc, kind, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 2.0)
 
     # ----------------------------------------------------------------------- daemon → server
 
@@ -228,9 +274,15 @@ class DaemonConsumer(AsyncJsonWebsocketConsumer):
             await _db(task_dispatch_pending)(owner_ids=[self.owner.pk], exclude_daemon_id=self.daemon.pk)
 
     async def handle_heartbeat(self, payload: dict[str, Any]) -> None:
-        await _db(daemon_heartbeat)(
+        reconnected = await _db(daemon_heartbeat)(
             daemon=self.daemon, connection_id=self.connection_id, running_tasks=payload["running_tasks"]
         )
+        if reconnected:
+            # While the tick took it for lost (its heartbeats lagged), new tasks found no
+            # daemon and stayed pending; they are this daemon's now, as after a hello,
+            # rather than at the next tick.
+            await _db(task_dispatch_pending)(owner_ids=[self.owner.pk])
+            await self.deliver()
 
     async def handle_task_started(self, payload: dict[str, Any]) -> None:
         await _db(task_report_started)(daemon=self.daemon, **payload)
@@ -295,10 +347,24 @@ class DaemonConsumer(AsyncJsonWebsocketConsumer):
         except Exception:
             logger.exception("daemon %s: outbox delivery failed", self._name())
 
+    async def token_revoked(self, event: dict[str, Any]) -> None:
+        """``{"type": "token.revoked", "token_id"}``: this socket's daemon token was revoked."""
+        if event.get("token_id") == str(self.token_id):
+            await self._close(CloseCode.UNAUTHORIZED)
+
     async def daemon_replaced(self, event: dict[str, Any]) -> None:
         """``{"type": "daemon.replaced", "connection_id"}``: a newer socket said hello with this name."""
         if event.get("connection_id") != self.connection_id:
             await self._close(CloseCode.REPLACED)
+
+
+def _task_id(content: dict[str, Any]) -> str | None:
+    """The message's ``task_id`` when it is a UUID (it is not validated yet: nothing else goes into the logs)."""
+    value = content.get("task_id")
+    try:
+        return str(uuid.UUID(value)) if isinstance(value, str) else None
+    except ValueError:
+        return None
 
 
 def _too_large(raw: str | bytes, limit: int) -> bool:

@@ -144,6 +144,10 @@ def token_revoke(*, token: ApiToken, actor: Actor) -> ApiToken:
             data={"kind": token.kind, "prefix": token.prefix},
             actor=actor,
         )
+        if token.kind == ApiToken.Kind.DAEMON:
+            # Its open sockets close now (4401), not at their next outbox poll; the
+            # poll stays the fallback when the channel layer cannot reach them.
+            _group_send_on_commit_to(token_group(token.pk), {"type": "token.revoked", "token_id": str(token.pk)})
     return token
 
 
@@ -206,10 +210,18 @@ def daemon_wake(*, daemon_id: Any) -> None:
     transaction.on_commit(send)
 
 
+def token_group(token_id: Any) -> str:
+    """The channel-layer group of every socket opened with a daemon token (hello or not)."""
+    return f"daemon-token.{token_id}"
+
+
 def _group_send_on_commit(daemon_id: Any, message: dict[str, Any]) -> None:
     """Send a channel-layer message to a daemon's connection once the current
     transaction commits. Best effort: consumers also poll the database."""
+    _group_send_on_commit_to(daemon_group(daemon_id), message)
 
+
+def _group_send_on_commit_to(group: str, message: dict[str, Any]) -> None:
     def send() -> None:
         from asgiref.sync import async_to_sync
         from channels.layers import get_channel_layer
@@ -218,9 +230,9 @@ def _group_send_on_commit(daemon_id: Any, message: dict[str, Any]) -> None:
         if layer is None:
             return
         try:
-            async_to_sync(layer.group_send)(daemon_group(daemon_id), message)
+            async_to_sync(layer.group_send)(group, message)
         except Exception:
-            logger.warning("could not notify daemon %s", daemon_id, exc_info=True)
+            logger.warning("could not notify %s", group, exc_info=True)
 
     transaction.on_commit(send)
 
@@ -336,22 +348,26 @@ def daemon_disconnect(*, daemon_id: Any, connection_id: str) -> bool:
     return True
 
 
-def daemon_heartbeat(*, daemon: Daemon, connection_id: str, running_tasks: list[str] | tuple[str, ...]) -> None:
-    """``heartbeat``: the daemon and the tasks it lists are alive."""
+def daemon_heartbeat(*, daemon: Daemon, connection_id: str, running_tasks: list[str] | tuple[str, ...]) -> bool:
+    """``heartbeat``: the daemon and the tasks it lists are alive. Returns
+    whether it brought back a daemon the tick had marked disconnected (the
+    caller then hands it the tasks that waited meanwhile)."""
     from contracts.services import task_heartbeat
 
     now = timezone.now()
     Daemon.objects.filter(pk=daemon.pk).update(last_seen_at=now)
     # The tick marks a daemon that was silent for too long disconnected; when
     # its socket turns out to be alive after all, it is connected again.
+    reconnected = False
     current = Daemon.objects.filter(pk=daemon.pk, connection_id=connection_id).first()
     if current is not None and current.status == Daemon.Status.DISCONNECTED:
         try:
-            daemon_transition(daemon=current, to=Daemon.Status.CONNECTED, actor=_daemon_actor(current))
+            reconnected = daemon_transition(daemon=current, to=Daemon.Status.CONNECTED, actor=_daemon_actor(current))
         except InvalidTransition:
             pass  # it changed meanwhile (drained); leave it
     if running_tasks:
         task_heartbeat(daemon=daemon, task_ids=running_tasks)
+    return reconnected
 
 
 @dataclass(frozen=True)
@@ -409,9 +425,36 @@ def command_claim(*, daemon_id: Any, connection_id: str, token_id: Any = None, l
         )
         now = timezone.now()
         for command in commands:
+            if _spawn_moved_on(command):
+                # Queued again by a hello (or never delivered) after the task's lease ran
+                # out and it was retried elsewhere, cancelled or finished: sending it would
+                # have this daemon run a task that is no longer its own, beside its new
+                # daemon. At-least-once delivery covers commands still due, not stale ones.
+                command_transition(
+                    command=command,
+                    to=DaemonCommand.Status.FAILED,
+                    updates={"error": "not sent: the task is no longer this daemon's to start"},
+                )
+                continue
             if command_transition(command=command, to=DaemonCommand.Status.SENT, updates={"sent_at": now}):
                 messages.append(command_message(command))
     return Delivery(DELIVER, messages)
+
+
+def _spawn_moved_on(command: DaemonCommand) -> bool:
+    """Whether a ``spawn_task`` no longer applies: its task is gone, assigned to
+    another daemon (or none), not on a daemon any more, or dispatched again
+    since (a later attempt, even to this same daemon, carries the live task token)."""
+    from contracts.models import Task
+
+    if command.command_type != DaemonCommand.CommandType.SPAWN_TASK:
+        return False
+    task = command.task
+    if task is None or task.daemon_id != command.daemon_id or task.status not in Task.ON_DAEMON:
+        return True
+    return DaemonCommand.objects.filter(
+        task_id=task.pk, command_type=DaemonCommand.CommandType.SPAWN_TASK, created_at__gt=command.created_at
+    ).exists()
 
 
 @dataclass(frozen=True)

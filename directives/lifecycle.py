@@ -62,6 +62,7 @@ from directives.services import (
     step_transition,
     steps_add,
 )
+from makima.logs import log_context
 from makima.state import SYSTEM, InvalidTransition
 
 logger = logging.getLogger(__name__)
@@ -1129,12 +1130,13 @@ def on_task_finished(*, task_id: Any) -> None:
     task = Task.objects.filter(pk=task_id).first()
     if task is None or task.status not in Task.FINISHED:
         return
-    if task.directive_id is not None:
-        apply_finished(task=task)
-        # The owner-wide dispatch at the end of advance covers this directive.
-        advance(directive_ids=[task.directive_id], dispatch_owner_ids=[task.owner_id])
-    else:
-        task_dispatch_pending(owner_ids=[task.owner_id])
+    with log_context(directive=task.directive_id, step=task.step_id, task=task.pk):
+        if task.directive_id is not None:
+            apply_finished(task=task)
+            # The owner-wide dispatch at the end of advance covers this directive.
+            advance(directive_ids=[task.directive_id], dispatch_owner_ids=[task.owner_id])
+        else:
+            task_dispatch_pending(owner_ids=[task.owner_id])
 
 
 def advance(
@@ -1168,15 +1170,17 @@ def advance(
     for directive in directives:
         breaker = breaker_tripped(directive, now=now)
         if breaker:
-            _trip(directive, breaker)
+            with log_context(directive=directive.pk):
+                _trip(directive, breaker)
             by_id.pop(directive.pk)
             stats["breakers"] += 1
 
     # Phase: planning — directives in planning without a planning task get one.
     for directive in by_id.values():
         planning = directive.status == Directive.Status.PLANNING and directive.orchestrator_task_id is None
-        if planning and planning_dispatch(directive=directive):
-            stats["planning"] += 1
+        with log_context(directive=directive.pk):
+            if planning and planning_dispatch(directive=directive):
+                stats["planning"] += 1
 
     # Phase: finished tasks whose consequences were not applied (a crash, a lost handler).
     stale = Task.objects.filter(directive_id__in=list(by_id), status__in=list(Task.FINISHED)).filter(
@@ -1186,7 +1190,8 @@ def advance(
         | Q(kind=Task.Kind.MONITORING, step__monitoring_task=F("pk"), step__status=Step.Status.EVALUATING)
     )
     for task in stale:
-        apply_finished(task=task)
+        with log_context(directive=task.directive_id, step=task.step_id, task=task.pk):
+            apply_finished(task=task)
         stats["recovered"] += 1
     if stats["recovered"]:
         # Recovered plans and completions moved directives: continue from where they are now.
@@ -1218,15 +1223,16 @@ def advance(
         for directive in active:
             if directive.pk not in with_orders or directive.orchestrator_task_id is not None:
                 continue
-            if directive_transition(
-                directive=directive,
-                to=Directive.Status.PLANNING,
-                expected=Directive.Status.ACTIVE,
-                updates={"planning_reason": Directive.PlanningReason.ORDER_PICKUP},
-                data={"reason": "orders"},
-            ):
-                planning_dispatch(directive=directive)
-                stats["order_pickup"] += 1
+            with log_context(directive=directive.pk):
+                if directive_transition(
+                    directive=directive,
+                    to=Directive.Status.PLANNING,
+                    expected=Directive.Status.ACTIVE,
+                    updates={"planning_reason": Directive.PlanningReason.ORDER_PICKUP},
+                    data={"reason": "orders"},
+                ):
+                    planning_dispatch(directive=directive)
+                    stats["order_pickup"] += 1
         active = [d for d in active if d.status == Directive.Status.ACTIVE]
 
         # Phase: execution — readiness over every active directive's current chain.
@@ -1247,27 +1253,29 @@ def advance(
         ):
             deps_of[step_id].append(dep_id)
         for directive in active:
-            steps = steps_by_directive.get(directive.pk, [])
-            if any(s.status in (Step.Status.PENDING, Step.Status.READY) for s in steps):
-                _advance_steps(directive, steps, deps_of)
-            # Phase: monitoring — evaluating steps without an evaluator (manual evaluations).
-            for row in steps:
-                if row.status == Step.Status.EVALUATING and row.monitoring_task_id is None:
-                    with transaction.atomic():
-                        # The row lock is the claim: a concurrent advance waits, then sees the evaluator.
-                        step = (
-                            Step.objects.select_for_update()
-                            .filter(pk=row.pk, monitoring_task__isnull=True, status=Step.Status.EVALUATING)
-                            .first()
-                        )
-                        if step is not None:
-                            step.directive = directive
-                            monitoring_dispatch(step=step)
-                            stats["monitoring"] += 1
+            with log_context(directive=directive.pk):
+                steps = steps_by_directive.get(directive.pk, [])
+                if any(s.status in (Step.Status.PENDING, Step.Status.READY) for s in steps):
+                    _advance_steps(directive, steps, deps_of)
+                # Phase: monitoring — evaluating steps without an evaluator (manual evaluations).
+                for row in steps:
+                    if row.status == Step.Status.EVALUATING and row.monitoring_task_id is None:
+                        with transaction.atomic():
+                            # The row lock is the claim: a concurrent advance waits, then sees the evaluator.
+                            step = (
+                                Step.objects.select_for_update()
+                                .filter(pk=row.pk, monitoring_task__isnull=True, status=Step.Status.EVALUATING)
+                                .first()
+                            )
+                            if step is not None:
+                                step.directive = directive
+                                monitoring_dispatch(step=step)
+                                stats["monitoring"] += 1
         # Phase: completion, or a pause when a failed step blocks everything. The
         # rows carry every status change made above; completion itself is a claim.
         for directive in active:
-            _settle(directive, steps_by_directive.get(directive.pk, []), deps_of)
+            with log_context(directive=directive.pk):
+                _settle(directive, steps_by_directive.get(directive.pk, []), deps_of)
 
     if dispatch_owner_ids is not None:
         dispatched = task_dispatch_pending(owner_ids=list(dispatch_owner_ids))
@@ -1323,18 +1331,19 @@ def reconcile(*, now: Any = None) -> dict[str, int]:
         )
     )
     for task in orphans:
-        try:
-            if task_transition(
-                task=task,
-                to=Task.Status.INTERRUPTED,
-                severity="warn",
-                message="Its daemon was lost and the lease expired.",
-                updates={"error": "daemon lost"},
-            ):
-                stats["interrupted"] += 1
-                on_task_finished(task_id=task.pk)
-        except InvalidTransition:
-            pass
+        with log_context(directive=task.directive_id, step=task.step_id, task=task.pk):
+            try:
+                if task_transition(
+                    task=task,
+                    to=Task.Status.INTERRUPTED,
+                    severity="warn",
+                    message="Its daemon was lost and the lease expired.",
+                    updates={"error": "daemon lost"},
+                ):
+                    stats["interrupted"] += 1
+                    on_task_finished(task_id=task.pk)
+            except InvalidTransition:
+                pass
     for approval in ApprovalRequest.objects.filter(status=ApprovalRequest.Status.PENDING, expires_at__lt=now):
         with transaction.atomic():
             if approval_transition(approval=approval, to=ApprovalRequest.Status.EXPIRED):

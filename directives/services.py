@@ -926,6 +926,10 @@ def steps_add(*, directive: Directive, specs: Sequence[StepSpec], actor: Actor) 
             ]
         )
         event_broadcast(added)
+        if directive.status == Directive.Status.ACTIVE:
+            # A step added to a running directive may be ready at once: dispatch
+            # it now rather than at the next tick.
+            advance_after_commit(directive.pk)
     return list(created.values())
 
 

@@ -1,4 +1,5 @@
-"""REST API plumbing shared by every app: pagination and error responses.
+"""REST API plumbing shared by every app: pagination, error responses, the
+limits (request size, request rate per token) and task-token scoping.
 
 Every error answer is JSON with a ``detail`` text; a 400 also carries the
 field errors under ``errors``.
@@ -6,22 +7,58 @@ field errors under ``errors``.
 
 from __future__ import annotations
 
+import logging
+import threading
 from typing import Any
+from weakref import WeakKeyDictionary
 
+from django.conf import settings
+from django.core.cache import caches
+from django.core.exceptions import RequestDataTooBig
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.http import JsonResponse
+from django.views.decorators.csrf import csrf_exempt
 from rest_framework import status
-from rest_framework.exceptions import ValidationError
+from rest_framework.exceptions import APIException, ValidationError
 from rest_framework.pagination import PageNumberPagination
+from rest_framework.parsers import JSONParser
 from rest_framework.response import Response
+from rest_framework.throttling import SimpleRateThrottle
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from makima.errors import DomainError
+
+logger = logging.getLogger(__name__)
+
+#: Object ids in API routes; anything else is no route at all (a JSON 404, see ``not_found``).
+UUID_RE = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 
 
 class Pagination(PageNumberPagination):
     page_size = 50
     page_size_query_param = "page_size"
     max_page_size = 500
+
+    def get_schema_operation_parameters(self, view: Any) -> list[dict[str, Any]]:
+        # Page 0 or -1 is "Invalid page." (404): the schema says where pages
+        # start, and that a too large page size is cut rather than refused.
+        parameters = super().get_schema_operation_parameters(view)
+        for parameter in parameters:
+            if parameter["name"] == self.page_query_param:
+                parameter["schema"]["minimum"] = 1
+            elif parameter["name"] == self.page_size_query_param:
+                parameter["description"] = (
+                    f"Results per page (default {self.page_size}); larger than {self.max_page_size} counts as {self.max_page_size}."
+                )
+        return parameters
+
+
+@csrf_exempt  # it changes nothing; without this a POST would get the CSRF failure page (HTML 403)
+def not_found(request: Any, path: str = "") -> JsonResponse:
+    """Any ``/api/v1/`` path that no route matches (an unknown endpoint, an id
+    that is not a UUID): a JSON 404 like every other API error, not Django's
+    HTML page."""
+    return JsonResponse({"detail": "Not found."}, status=status.HTTP_404_NOT_FOUND)
 
 
 def _first_message(errors: Any) -> str:
@@ -47,6 +84,9 @@ def django_validation_detail(exc: DjangoValidationError) -> Any:
 
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    if isinstance(exc, RequestDataTooBig):
+        # Django's own answer is its HTML 400 page; the API says 413, in JSON.
+        exc = RequestTooLarge()
     if isinstance(exc, DjangoValidationError):
         exc = ValidationError(django_validation_detail(exc))
     if isinstance(exc, DomainError):
@@ -59,6 +99,73 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         response.data = {"detail": _first_message(errors) or "Invalid input.", "errors": errors}
         response.status_code = status.HTTP_400_BAD_REQUEST
     return response
+
+
+# --------------------------------------------------------------------------- limits
+
+
+class RequestTooLarge(APIException):
+    """A body over ``MAKIMA_MAX_REQUEST_BYTES`` (Django's ``DATA_UPLOAD_MAX_MEMORY_SIZE``,
+    which Django checks against the declared length before reading anything)."""
+
+    status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
+    default_code = "too_large"
+
+    def __init__(self) -> None:
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        super().__init__(f"The request body is larger than {limit} bytes (MAKIMA_MAX_REQUEST_BYTES).")
+
+
+_throttle_caches: dict[str, Any] = {}
+_throttle_caches_lock = threading.Lock()
+
+
+def throttle_cache() -> Any:
+    """Where request counts live: Redis when ``REDIS_URL`` is set, so that every
+    daphne process counts against one limit; else the process's default cache."""
+    url = getattr(settings, "REDIS_URL", "")
+    if not url:
+        return caches["default"]
+    with _throttle_caches_lock:
+        if url not in _throttle_caches:
+            from django.core.cache.backends.redis import RedisCache
+
+            _throttle_caches[url] = RedisCache(url, {"KEY_PREFIX": "makima-throttle", "TIMEOUT": None})
+        return _throttle_caches[url]
+
+
+class TokenRateThrottle(SimpleRateThrottle):
+    """Requests per API token: each user API key and each task token has its own
+    count, against ``MAKIMA_API_RATE`` and ``MAKIMA_API_TASK_RATE`` ("0" turns
+    a limit off). Over it: 429 with ``Retry-After``. Browser sessions are not
+    counted (the dashboard's pages are not the API), nor are unauthenticated
+    requests, which are refused (401) before throttling.
+
+    Keyed by the token's id, a UUID, so counts never mix between tokens (or
+    between test databases sharing a Redis). The rate is read per request, and
+    counts are kept by :func:`throttle_cache`."""
+
+    def __init__(self) -> None:  # DRF's reads one fixed rate from its own settings
+        self.rate: str | None = None
+
+    def allow_request(self, request: Any, view: Any) -> bool:
+        self.rate = settings.MAKIMA_API_TASK_RATE if task_token(request) is not None else settings.MAKIMA_API_RATE
+        if self.rate == "0":
+            return True
+        self.num_requests, self.duration = self.parse_rate(self.rate)
+        try:
+            self.cache = throttle_cache()
+            return super().allow_request(request, view)
+        except Exception:
+            # A limit is protection, not a dependency: with Redis down the API still answers.
+            logger.warning("rate limit not checked: its cache failed", exc_info=True)
+            return True
+
+    def get_cache_key(self, request: Any, view: Any) -> str | None:
+        from daemons.models import ApiToken
+
+        token = getattr(request, "auth", None)
+        return f"rate:token:{token.pk}" if isinstance(token, ApiToken) else None
 
 
 # --------------------------------------------------------------------------- scoping
@@ -90,6 +197,28 @@ def actor_for(request: Any) -> Any:
     return Actor.for_user(request.user)
 
 
+class ApiSchema:
+    """``view.schema``: :class:`daemons.api.schema.ApiAutoSchema`, a new one per
+    access, and a schema given to ``as_view()`` (drf-spectacular's per-action
+    ones) kept per view instance, as DRF's ``ViewInspector`` does. Imported
+    late: this module is loaded while DRF itself is (``Pagination`` above)."""
+
+    def __init__(self) -> None:
+        self.instance_schemas: WeakKeyDictionary[Any, Any] = WeakKeyDictionary()
+
+    def __get__(self, instance: Any, owner: Any) -> Any:
+        if instance is not None and instance in self.instance_schemas:
+            return self.instance_schemas[instance]
+        from daemons.api.schema import ApiAutoSchema
+
+        return ApiAutoSchema().__get__(instance, owner)
+
+    def __set__(self, instance: Any, other: Any) -> None:
+        self.instance_schemas[instance] = other
+        if other is not None:
+            other.view = instance
+
+
 class TaskTokenScope:
     """Mixin for viewsets: ``scope_directive_field`` names the path from the
     model to its directive id (``"pk"`` for directives themselves, ``None`` for
@@ -97,6 +226,15 @@ class TaskTokenScope:
 
     scope_directive_field: str | None = "directive_id"
     scope_contract_field: str | None = None
+    # Every API viewset has this mixin: its schema documents the error answers,
+    # its routes take UUIDs only (anything else falls through to not_found), and
+    # it reads JSON bodies only: the API is JSON (spec 5.1), and form and
+    # multipart parsing (temporary files, a "null" that is a string) is surface
+    # that no client needs.
+    schema = ApiSchema()
+    lookup_value_regex = UUID_RE
+    parser_classes = [JSONParser]
+    throttle_classes = [TokenRateThrottle]
 
     def check_task_token_scope(self, obj: Any) -> None:
         from makima.errors import OutOfScope

@@ -135,6 +135,10 @@ def database_from_url(url: str, *, base_dir: str) -> dict:
         # "database table is locked" (shared-cache locks ignore the busy
         # timeout), unlike the file the web and cluster processes share.
         config["TEST"] = {"NAME": os.path.join(tempfile.gettempdir(), f"makima-test-{os.getpid()}.sqlite3")}
+    else:
+        # A host that drops packets would otherwise hold a request (and
+        # /healthz) until the kernel's TCP timeout, minutes later.
+        config.setdefault("OPTIONS", {}).setdefault("connect_timeout", 5)
     # Keep connections: websocket consumers touch the database for every
     # message, and reconnecting (and re-running the PRAGMAs) each time costs
     # more than the queries themselves.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
@@ -111,7 +112,10 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "prefix": "makima"},
+            # redis-py's default socket timeout (5 s) equals channels_redis's
+            # BZPOPMIN wait (5 s): an idle receive would time out and drop the
+            # socket (1011). A longer read timeout keeps idle sockets open.
+            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 30}], "prefix": "makima"},
         }
     }
 else:
@@ -170,15 +174,34 @@ MAKIMA_MAX_CONTRACT_FILE_BYTES = env_int("MAKIMA_MAX_CONTRACT_FILE_BYTES", 1024 
 MAKIMA_MAX_STEPS_PER_BATCH = env_int("MAKIMA_MAX_STEPS_PER_BATCH", 500, minimum=1)
 MAKIMA_MAX_STEPS_PER_DIRECTIVE = env_int("MAKIMA_MAX_STEPS_PER_DIRECTIVE", 2000, minimum=1)
 MAKIMA_TASK_OUTPUT_MAX_BYTES = env_int("MAKIMA_TASK_OUTPUT_MAX_BYTES", 64 * 1024, minimum=1)
+# Output lines kept per task; past it the oldest go, and a marker line in their place says how many.
+MAKIMA_TASK_OUTPUT_MAX_LINES = env_int("MAKIMA_TASK_OUTPUT_MAX_LINES", 10_000, minimum=10)
+# REST API requests per token ("N/s", "N/min", "N/hour", "N/day"; "0" = no limit): each user
+# API key, and each task token (agents); past it: 429 with Retry-After. Sessions are not counted.
+MAKIMA_API_RATE = env_str("MAKIMA_API_RATE", "1200/min")
+MAKIMA_API_TASK_RATE = env_str("MAKIMA_API_TASK_RATE", "600/min")
+for _rate in ("MAKIMA_API_RATE", "MAKIMA_API_TASK_RATE"):
+    if not re.fullmatch(r"0|[1-9][0-9]*/(s|sec|second|m|min|minute|h|hour|d|day)", globals()[_rate]):
+        raise ImproperlyConfigured(f'{_rate} must look like "600/min" (or "0" for no limit), not {globals()[_rate]!r}')
 MAKIMA_COMPOSITE_AGENT_WEIGHT = env_float("MAKIMA_COMPOSITE_AGENT_WEIGHT", 0.5, minimum=0.0)
+# Operability (makima/health.py, makima/metrics.py). /metrics wants this bearer
+# token when it is set, and answers only loopback requests when it is not.
+MAKIMA_METRICS_TOKEN = env_str("MAKIMA_METRICS_TOKEN", "")
+MAKIMA_HEALTH_TIMEOUT_S = env_float("MAKIMA_HEALTH_TIMEOUT_S", 2.0, minimum=0.1)
+MAKIMA_HEALTH_CLUSTER_STALE_S = env_int("MAKIMA_HEALTH_CLUSTER_STALE_S", 90, minimum=1)
+# Load balancers probe /healthz over plain http: a redirect to https would fail the probe.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
 
 DATA_UPLOAD_MAX_MEMORY_SIZE = MAKIMA_MAX_REQUEST_BYTES
 
+# Every line names the directive, step, task and daemon it is about, when
+# known (`makima.logs.log_context`): " [directive=… step=… task=…]" before the message.
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"context": {"()": "makima.logs.ContextFilter"}},
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s%(log_context)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["context"]}},
     "root": {"handlers": ["console"], "level": env_str("MAKIMA_LOG_LEVEL", "INFO")},
     "loggers": {"django.db.backends": {"level": "INFO"}},
 }

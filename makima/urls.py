@@ -1,4 +1,4 @@
-"""makima URL configuration: the dashboard, admin, the REST API and its schema."""
+"""makima URL configuration: the dashboard, admin, the REST API and its schema, /healthz and /metrics."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
+
+from makima.health import healthz
+from makima.metrics import metrics
 
 api_v1 = [
     path("", include("directives.api.urls")),
@@ -17,6 +20,8 @@ urlpatterns = [
     path("accounts/login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
+    path("healthz", healthz, name="healthz"),
+    path("metrics", metrics, name="metrics"),
     path("api/v1/", include(api_v1)),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),

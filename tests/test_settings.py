@@ -259,7 +259,7 @@ def test_with_redis_the_channel_layer_and_the_task_broker_use_it(tmp_path):
     assert result.returncode == 0, result.stderr
     shown = json.loads(result.stdout)
     assert shown["layer"]["BACKEND"] == "channels_redis.core.RedisChannelLayer"
-    assert shown["layer"]["CONFIG"]["hosts"] == ["redis://127.0.0.1:6379/3"]
+    assert shown["layer"]["CONFIG"]["hosts"] == [{"address": "redis://127.0.0.1:6379/3", "socket_timeout": 30}]
     assert shown["q"]["redis"] == "redis://127.0.0.1:6379/3"
     assert "orm" not in shown["q"]
 
@@ -272,3 +272,11 @@ def test_without_redis_everything_stays_in_process_and_in_the_database(tmp_path)
     assert shown["layer"]["BACKEND"] == "channels.layers.InMemoryChannelLayer"
     assert shown["q"]["orm"] == "default"
     assert "redis" not in shown["q"]
+
+
+def test_postgresql_connections_give_up_after_a_few_seconds_unless_the_url_says_otherwise():
+    assert database_from_url("postgresql://postgres@db.internal/makima", base_dir="/tmp")["OPTIONS"] == {
+        "connect_timeout": 5
+    }
+    configured = database_from_url("postgresql://postgres@db.internal/makima?connect_timeout=20", base_dir="/tmp")
+    assert configured["OPTIONS"]["connect_timeout"] in ("20", 20)

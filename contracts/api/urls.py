@@ -5,10 +5,11 @@ from __future__ import annotations
 from rest_framework.routers import SimpleRouter
 
 from contracts.api.views import ContractFileViewSet, ContractViewSet, TaskViewSet
+from makima.api import UUID_RE
 
 router = SimpleRouter()
 router.register("contracts", ContractViewSet, basename="contract")
-router.register(r"contracts/(?P<contract_pk>[^/.]+)/files", ContractFileViewSet, basename="contract-file")
+router.register(rf"contracts/(?P<contract_pk>{UUID_RE})/files", ContractFileViewSet, basename="contract-file")
 router.register("tasks", TaskViewSet, basename="task")
 
 urlpatterns = router.urls

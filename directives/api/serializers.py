@@ -7,6 +7,7 @@ the values to a service, which owns every rule about what may change.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,6 +49,37 @@ class StrictInputMixin:
                     {key: ["This field is read-only." if key in known else "Unknown field."] for key in unknown}
                 )
         return super().to_internal_value(data)  # type: ignore[misc]
+
+
+# What git accepts as a branch name (git check-ref-format), less names that a
+# git command line would read as an option: daemons run `git` with it.
+_BRANCH_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//|/\.|\.lock(/|$)")
+
+
+def is_branch_name(name: str) -> bool:
+    return bool(
+        name
+        and not name.startswith(("-", "/", "."))
+        and not name.endswith(("/", "."))
+        and name not in ("@", "HEAD")
+        and not _BRANCH_FORBIDDEN.search(name)
+    )
+
+
+class BranchNameField(serializers.CharField):
+    """A git branch name: ``../../etc`` or ``--upload-pack=…`` are refused here,
+    with a clear error, rather than by the daemon's git when the task starts."""
+
+    default_error_messages = {
+        # Doubled braces: DRF formats these messages.
+        "branch": "Not a git branch name: no spaces, '..', '~^:?*[\\', '@{{', leading '-' or '.', trailing '/' or '.'."
+    }
+
+    def to_internal_value(self, data: Any) -> str:
+        value = super().to_internal_value(data)
+        if not is_branch_name(value):
+            self.fail("branch")
+        return value
 
 
 def _request_user(field: serializers.Field) -> Any:
@@ -101,6 +133,8 @@ class DirectiveSerializer(serializers.ModelSerializer):
     owner = serializers.SlugRelatedField(slug_field="username", read_only=True)
     team_name = serializers.CharField(source="team.name", read_only=True, allow_null=True, default=None)
     step_counts = serializers.SerializerMethodField()
+    # Empty until a pull request is recorded: a plain string, since "" is not a "uri".
+    pr_url = serializers.CharField(read_only=True, help_text="The pull request's URL; empty until one is recorded.")
 
     class Meta:
         model = Directive
@@ -187,7 +221,7 @@ class DirectiveCreateSerializer(StrictInputMixin, serializers.Serializer):
     )
     constraints = serializers.ListField(child=serializers.CharField(), required=False)
     repository_url = serializers.CharField(max_length=500, required=False, allow_blank=True)
-    base_branch = serializers.CharField(max_length=200, required=False)
+    base_branch = BranchNameField(max_length=200, required=False)
     local_path = serializers.CharField(max_length=500, required=False, allow_blank=True)
     autonomy_level = serializers.ChoiceField(choices=Directive.Autonomy.choices, required=False)
     confidence_threshold_green = serializers.FloatField(min_value=0.0, max_value=1.0, required=False)
@@ -221,7 +255,7 @@ class DirectiveUpdateSerializer(DirectiveCreateSerializer):
         },
     )
     pr_url = serializers.URLField(max_length=500, required=False)
-    pr_branch = serializers.CharField(max_length=300, required=False)
+    pr_branch = BranchNameField(max_length=300, required=False)
 
 
 class ChainSerializer(serializers.ModelSerializer):
@@ -247,6 +281,14 @@ class ChainSerializer(serializers.ModelSerializer):
 class StepSerializer(serializers.ModelSerializer):
     depends_on = serializers.SerializerMethodField(
         help_text="Ids of the steps this one depends on, in the order given."
+    )
+    # Both may be empty ("" = the directive's agent / not evaluated yet); read-only
+    # model fields lose allow_blank, which the schema needs to allow "".
+    agent = serializers.ChoiceField(
+        choices=AgentKind.choices, allow_blank=True, read_only=True, help_text="Empty: the directive's agent."
+    )
+    confidence_level = serializers.ChoiceField(
+        choices=Step.Confidence.choices, allow_blank=True, read_only=True, help_text="Empty until evaluated."
     )
 
     class Meta:
@@ -405,7 +447,8 @@ class EvaluationSerializer(serializers.ModelSerializer):
 
 
 class ApprovalSerializer(serializers.ModelSerializer):
-    responded_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    # null until someone answers.
+    responded_by = serializers.SlugRelatedField(slug_field="username", read_only=True, allow_null=True)
 
     class Meta:
         model = ApprovalRequest

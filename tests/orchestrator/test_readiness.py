@@ -178,3 +178,17 @@ def test_skipping_the_failed_step_lets_the_directive_finish(alice):
     go(directive)
 
     assert reload(directive).status == Directive.Status.COMPLETING
+
+
+def test_a_step_added_to_a_running_directive_is_dispatched_at_once_not_at_the_next_tick(
+    alice, django_capture_on_commit_callbacks
+):
+    online(alice)
+    directive = started(alice, {"name": "A"})
+    assert statuses(directive) == {"A": "running"}
+
+    with django_capture_on_commit_callbacks(execute=True):
+        make_steps(directive, {"name": "B"})
+
+    assert statuses(directive) == {"A": "running", "B": "running"}
+    assert step_named(directive, "B").execution_task is not None
