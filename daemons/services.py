@@ -13,7 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from daemons.models import ApiToken, Daemon, DaemonCommand
@@ -421,6 +421,17 @@ def command_claim(*, daemon_id: Any, connection_id: str, token_id: Any = None, l
         commands = (
             DaemonCommand.objects.select_related("task")
             .filter(daemon_id=daemon_id, status=DaemonCommand.Status.QUEUED)
+            # A later spawn of the same task supersedes this one (see _spawn_moved_on),
+            # read in the same query rather than once per command.
+            .annotate(
+                superseded=Exists(
+                    DaemonCommand.objects.filter(
+                        task_id=OuterRef("task_id"),
+                        command_type=DaemonCommand.CommandType.SPAWN_TASK,
+                        created_at__gt=OuterRef("created_at"),
+                    )
+                )
+            )
             .order_by("created_at", "pk")[:limit]
         )
         now = timezone.now()
@@ -452,9 +463,7 @@ def _spawn_moved_on(command: DaemonCommand) -> bool:
     task = command.task
     if task is None or task.daemon_id != command.daemon_id or task.status not in Task.ON_DAEMON:
         return True
-    return DaemonCommand.objects.filter(
-        task_id=task.pk, command_type=DaemonCommand.CommandType.SPAWN_TASK, created_at__gt=command.created_at
-    ).exists()
+    return command.superseded  # annotated by command_claim
 
 
 @dataclass(frozen=True)

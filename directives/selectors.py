@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.db.models import Q, QuerySet
+from django.db.models import Count, Q, QuerySet
 
 from directives.models import ApprovalRequest, Chain, Directive, DirectiveEvent, Evaluation, Order, Step
 
@@ -48,3 +48,19 @@ def orders_visible_to(user: Any) -> QuerySet[Order]:
     if not user.is_authenticated:
         return Order.objects.none()
     return Order.objects.filter(Q(owner=user) | Q(directive__team__in=user.groups.all()))
+
+
+# Chains whose steps count as the directive's steps: every generation but the superseded ones.
+LIVE_CHAIN_STATUSES = tuple(s for s in Chain.Status.values if s != Chain.Status.SUPERSEDED)
+
+
+def live_step_counts(prefix: str) -> dict[str, Count]:
+    """Annotations for a directive queryset: ``<prefix><status>`` per step status
+    and ``<prefix>total``, over steps of no chain or of a live chain, all in the
+    same query (one per list page, whatever the number of directives)."""
+    live = Q(steps__chain__isnull=True) | Q(steps__chain__status__in=LIVE_CHAIN_STATUSES)
+    counts = {
+        f"{prefix}{status}": Count("steps", filter=live & Q(steps__status=status)) for status in Step.Status.values
+    }
+    counts[f"{prefix}total"] = Count("steps", filter=live)
+    return counts

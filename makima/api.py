@@ -8,7 +8,6 @@ field errors under ``errors``.
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -116,22 +115,10 @@ class RequestTooLarge(APIException):
         super().__init__(f"The request body is larger than {limit} bytes (MAKIMA_MAX_REQUEST_BYTES).")
 
 
-_throttle_caches: dict[str, Any] = {}
-_throttle_caches_lock = threading.Lock()
-
-
 def throttle_cache() -> Any:
-    """Where request counts live: Redis when ``REDIS_URL`` is set, so that every
-    daphne process counts against one limit; else the process's default cache."""
-    url = getattr(settings, "REDIS_URL", "")
-    if not url:
-        return caches["default"]
-    with _throttle_caches_lock:
-        if url not in _throttle_caches:
-            from django.core.cache.backends.redis import RedisCache
-
-            _throttle_caches[url] = RedisCache(url, {"KEY_PREFIX": "makima-throttle", "TIMEOUT": None})
-        return _throttle_caches[url]
+    """Where request counts live: the ``throttle`` cache (Redis when ``REDIS_URL``
+    is set, so every web process counts against one limit; see settings)."""
+    return caches["throttle"]
 
 
 class TokenRateThrottle(SimpleRateThrottle):

@@ -121,6 +121,22 @@ if REDIS_URL:
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
+# Caches: the process's own memory, but API rate counts (makima.api.TokenRateThrottle)
+# live in Redis when there is one, so that every web process counts against one limit.
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+    "throttle": (
+        {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": "makima-throttle",
+            "TIMEOUT": None,
+        }
+        if REDIS_URL
+        else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "throttle"}
+    ),
+}
+
 # django-q2: Redis broker when REDIS_URL is set, else the database (ORM) broker.
 Q_CLUSTER = {
     "name": "makima",

@@ -14,7 +14,7 @@ from typing import Any
 from django import forms
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import transaction
-from django.db.models import Count, Prefetch, Q, QuerySet
+from django.db.models import Prefetch, QuerySet
 from django.shortcuts import get_object_or_404
 from django_filters import rest_framework as filters
 from drf_spectacular.types import OpenApiTypes
@@ -68,6 +68,7 @@ from directives.selectors import (
     directives_visible_to,
     evaluations_visible_to,
     events_visible_to,
+    live_step_counts,
     orders_visible_to,
     steps_visible_to,
 )
@@ -157,14 +158,6 @@ def _is_schema_generation(view: Any) -> bool:
 # --------------------------------------------------------------------------- directives
 
 
-def step_count_annotations() -> dict[str, Count]:
-    """Per-status step counts for a directive queryset, in the same query."""
-    current = Q(steps__chain__isnull=True) | ~Q(steps__chain__status=Chain.Status.SUPERSEDED)
-    return {
-        f"step_count_{value}": Count("steps", filter=Q(steps__status=value) & current) for value in Step.Status.values
-    }
-
-
 @extend_schema_field({"type": "integer", "minimum": 1, "maximum": 2**31 - 1})
 class IdFilter(filters.NumberFilter):
     """An integer id within the column's range: a ``NumberFilter`` (a decimal) let
@@ -207,7 +200,7 @@ class DirectiveViewSet(ScopedViewSetMixin, mixins.ListModelMixin, mixins.Retriev
         queryset = (
             directives_visible_to(self.request.user)
             .select_related("owner", "team")
-            .annotate(**step_count_annotations())
+            .annotate(**live_step_counts("step_count_"))
             .order_by("-created_at", "id")
         )
         if self.action == "list":

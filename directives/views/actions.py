@@ -16,10 +16,9 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404
 from django.urls import path, reverse
-from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
 from contracts.selectors import tasks_visible_to
@@ -38,6 +37,7 @@ from directives.services import (
     step_retry,
     step_skip,
 )
+from directives.views.common import redirect_back, refusal_text
 from makima.errors import DomainError
 from makima.state import Actor
 
@@ -70,25 +70,6 @@ STEP_ACTIONS: dict[str, Action] = {
     "skip": Action(step_skip, "Step “{name}” skipped."),
     "evaluate": Action(step_request_evaluation, "A new evaluation of step “{name}” was requested."),
 }
-
-
-def refusal_text(exc: Exception) -> str:
-    """The service's own words for why it refused."""
-    if isinstance(exc, ValidationError):
-        if hasattr(exc, "error_dict"):
-            return "; ".join(f"{field}: {m}" for field, errors in exc.message_dict.items() for m in errors)
-        return " ".join(exc.messages)
-    return str(exc)
-
-
-def back(request: HttpRequest, fallback: str) -> HttpResponseRedirect:
-    """Redirect to the form's ``next`` when it stays on this site, else to ``fallback``."""
-    target = request.POST.get("next", "")
-    if target and url_has_allowed_host_and_scheme(
-        target, allowed_hosts={request.get_host()}, require_https=request.is_secure()
-    ):
-        return HttpResponseRedirect(target)
-    return HttpResponseRedirect(fallback)
 
 
 def run(request: HttpRequest, call: Callable[[], Any], done: str) -> bool:
@@ -125,7 +106,7 @@ def directive_action(request: HttpRequest, pk: Any, action: str) -> HttpResponse
         chosen.service(directive=directive, actor=actor, **kwargs)
 
     run(request, call, chosen.done)
-    return back(request, reverse("directive-detail", args=[directive.pk]))
+    return redirect_back(request, reverse("directive-detail", args=[directive.pk]))
 
 
 @login_required
@@ -139,7 +120,7 @@ def step_action(request: HttpRequest, pk: Any, step: Any, action: str) -> HttpRe
         raise Http404("No such action.")
     actor = Actor.for_user(request.user)
     run(request, lambda: chosen.service(step=target, actor=actor), chosen.done.format(name=target.name))
-    return back(request, reverse("directive-detail", args=[directive.pk]))
+    return redirect_back(request, reverse("directive-detail", args=[directive.pk]))
 
 
 @login_required
@@ -151,17 +132,17 @@ def task_answer_view(request: HttpRequest, pk: Any) -> HttpResponse:
     message = request.POST.get("message", "")
     if not message.strip():
         messages.error(request, "Write an answer before sending it.")
-        return back(request, fallback)
+        return redirect_back(request, fallback)
     if len(message) > TASK_MESSAGE_MAX_CHARS:
         messages.error(request, f"An answer may hold at most {TASK_MESSAGE_MAX_CHARS} characters.")
-        return back(request, fallback)
+        return redirect_back(request, fallback)
     actor = Actor.for_user(request.user)
     run(
         request,
         lambda: task_answer(task=task, message=message, actor=actor),
         f"Answer sent to “{task.name}”; it continues once its daemon has passed it on.",
     )
-    return back(request, fallback)
+    return redirect_back(request, fallback)
 
 
 urlpatterns = [

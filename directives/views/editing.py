@@ -10,15 +10,15 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
-from django.db.models import Count, OuterRef, Prefetch, Q, QuerySet, Subquery
+from django.db.models import OuterRef, Prefetch, Q, QuerySet, Subquery
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import path, reverse
 from django.views.decorators.http import require_POST
 
 from directives.forms import DirectiveFilterForm, DirectiveForm, StepForm, add_service_errors
-from directives.models import Chain, Directive, DirectiveEvent, Step, StepDependency
-from directives.selectors import directives_visible_to, steps_visible_to
+from directives.models import Directive, DirectiveEvent, Step, StepDependency
+from directives.selectors import LIVE_CHAIN_STATUSES, directives_visible_to, live_step_counts, steps_visible_to
 from directives.services import StepSpec, directive_create, directive_update, step_remove, step_update, steps_add
 from makima.errors import DomainError
 from makima.state import Actor
@@ -43,7 +43,6 @@ REPLANS_ON_GOAL = frozenset({Directive.Status.ACTIVE, Directive.Status.PAUSED, D
 NOT_EDITABLE = frozenset({Directive.Status.FAILED, Directive.Status.ARCHIVED})
 
 # Steps of the live plan: those of superseded chains are history.
-LIVE_CHAINS = [s for s in Chain.Status.values if s != Chain.Status.SUPERSEDED]
 
 
 def _visible_directive(request: HttpRequest, pk: uuid.UUID) -> Directive:
@@ -57,14 +56,6 @@ def _actor(request: HttpRequest) -> Actor:
 # --------------------------------------------------------------------------- list
 
 
-def _step_count_annotations() -> dict[str, Count]:
-    """Per-status counts of the live steps of each directive, in the list's own query."""
-    live = Q(steps__chain__isnull=True) | Q(steps__chain__status__in=LIVE_CHAINS)
-    counts = {f"steps_{status}": Count("steps", filter=live & Q(steps__status=status)) for status in Step.Status.values}
-    counts["steps_total"] = Count("steps", filter=live)
-    return counts
-
-
 def _last_event_annotations() -> dict[str, Subquery]:
     newest = DirectiveEvent.objects.filter(directive=OuterRef("pk")).order_by("-id")
     fields = {"type": "event_type", "message": "message", "severity": "severity", "at": "created_at"}
@@ -76,7 +67,7 @@ def directive_rows(user: Any) -> QuerySet[Directive]:
     return (
         directives_visible_to(user)
         .select_related("team", "owner")
-        .annotate(**_step_count_annotations())
+        .annotate(**live_step_counts("steps_"))
         .annotate(**_last_event_annotations())
         .order_by("-updated_at", "-created_at", "pk")
     )
@@ -187,7 +178,7 @@ def _chain_steps(directive: Directive, user: Any) -> list[Step]:
     return list(
         steps_visible_to(user)
         .filter(directive=directive)
-        .filter(Q(chain__isnull=True) | Q(chain__status__in=LIVE_CHAINS))
+        .filter(Q(chain__isnull=True) | Q(chain__status__in=LIVE_CHAIN_STATUSES))
         .prefetch_related(Prefetch("dependency_links", queryset=links.order_by("position")))
         .order_by("order_index", "created_at", "pk")
     )

@@ -13,14 +13,14 @@ from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
 from django.db.models import F, QuerySet
 from django.http import HttpRequest, HttpResponse
-from django.shortcuts import get_object_or_404, redirect, render
+from django.shortcuts import get_object_or_404, render
 from django.urls import path, reverse
-from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_GET, require_POST
 
 from directives.models import ApprovalRequest
 from directives.selectors import approvals_visible_to
 from directives.services import approval_approve, approval_deny
+from directives.views.common import redirect_back, refusal_text
 from makima.errors import DomainError
 from makima.state import Actor
 
@@ -44,13 +44,6 @@ class ApprovalAnswerForm(forms.Form):
         if self.deny and not note:
             raise ValidationError("Say what should change: the note becomes the instructions for the rework.")
         return note
-
-
-def error_text(exc: Exception) -> str:
-    """A service error as one readable sentence."""
-    if isinstance(exc, ValidationError):
-        return " ".join(exc.messages)
-    return str(exc)
 
 
 def _number(value: Any) -> float | None:
@@ -147,16 +140,6 @@ def approval_inbox(request: HttpRequest) -> HttpResponse:
     return _render_inbox(request, tab=_tab(request))
 
 
-def _back(request: HttpRequest) -> HttpResponse:
-    """Back where the form was (another page may embed it), else to the inbox."""
-    target = request.POST.get("next", "")
-    if target and url_has_allowed_host_and_scheme(
-        target, allowed_hosts={request.get_host()}, require_https=request.is_secure()
-    ):
-        return redirect(target)
-    return redirect(reverse("approval-inbox"))
-
-
 def _answer(
     request: HttpRequest,
     pk: Any,
@@ -174,8 +157,8 @@ def _answer(
         service(approval=approval, actor=Actor.for_user(request.user), note=form.cleaned_data["note"])
     except (DomainError, ValidationError) as exc:
         answered = _answered(approval) if approval.status != ApprovalRequest.Status.PENDING else "Nothing changed."
-        messages.error(request, f"{error_text(exc)}. {answered}")
-        return _back(request)
+        messages.error(request, f"{refusal_text(exc)}. {answered}")
+        return redirect_back(request, reverse("approval-inbox"))
     if not was_pending or approval.responded_at is None:
         # The guarded transition was a no-op: it was (or just got) answered the same way.
         if was_pending:
@@ -185,7 +168,7 @@ def _answer(
         messages.success(request, f"Denied: {approval}. It goes back with your note.")
     else:
         messages.success(request, f"Approved: {approval}.")
-    return _back(request)
+    return redirect_back(request, reverse("approval-inbox"))
 
 
 def _answered(approval: ApprovalRequest) -> str:

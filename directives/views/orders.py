@@ -15,6 +15,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import path, reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from directives.forms import add_service_errors
 from directives.models import Order
 from directives.order_forms import OrderForm, OrderLinkForm, linkable_directives
 from directives.selectors import orders_visible_to
@@ -27,6 +28,7 @@ from directives.services import (
     order_unlink,
     order_update,
 )
+from directives.views.common import refusal_text
 from makima.errors import DomainError
 from makima.state import Actor
 
@@ -35,21 +37,6 @@ CLOSED_COLUMN_LIMIT = 50
 CLOSED = (Order.Status.DONE, Order.Status.CANCELLED)
 COLUMNS = (Order.Status.OPEN, Order.Status.LINKED, Order.Status.IN_PROGRESS, *CLOSED)
 PRIORITY_ORDER = {value: rank for rank, value in enumerate(Order.Priority.values)}
-
-
-def error_text(exc: Exception) -> str:
-    if isinstance(exc, ValidationError):
-        return " ".join(exc.messages)
-    return str(exc)
-
-
-def apply_service_errors(form: Any, exc: ValidationError) -> None:
-    """Put a service's field errors next to the fields; the rest on the form."""
-    if hasattr(exc, "error_dict"):
-        for field, errors in exc.message_dict.items():
-            form.add_error(field if field in form.fields else None, errors)
-    else:
-        form.add_error(None, exc.messages)
 
 
 def _orders(user: Any) -> QuerySet[Order]:
@@ -102,9 +89,9 @@ def order_create_view(request: HttpRequest) -> HttpResponse:
         try:
             order = order_create(owner=request.user, actor=Actor.for_user(request.user), **form.cleaned_data)
         except ValidationError as exc:
-            apply_service_errors(form, exc)
+            add_service_errors(form, exc)
         except DomainError as exc:
-            form.add_error(None, error_text(exc))
+            form.add_error(None, refusal_text(exc))
         else:
             messages.success(request, f"Order “{order.title}” created.")
             return redirect(reverse("order-board"))
@@ -122,9 +109,9 @@ def order_edit_view(request: HttpRequest, pk: Any) -> HttpResponse:
             try:
                 order_update(order=order, actor=Actor.for_user(request.user), **form.cleaned_data)
             except ValidationError as exc:
-                apply_service_errors(form, exc)
+                add_service_errors(form, exc)
             except DomainError as exc:
-                form.add_error(None, error_text(exc))
+                form.add_error(None, refusal_text(exc))
             else:
                 messages.success(request, f"Order “{order.title}” saved.")
                 return redirect(reverse("order-board"))
@@ -159,7 +146,7 @@ def _act(request: HttpRequest, pk: Any, action: Callable[[Order, Actor], str]) -
     try:
         done = action(order, Actor.for_user(request.user))
     except (DomainError, ValidationError) as exc:
-        messages.error(request, error_text(exc))
+        messages.error(request, refusal_text(exc))
     else:
         messages.success(request, done)
     return _back(request, order)
@@ -177,7 +164,7 @@ def order_link_view(request: HttpRequest, pk: Any) -> HttpResponse:
     try:
         order_link(order=order, directive=directive, actor=Actor.for_user(request.user))
     except (DomainError, ValidationError) as exc:
-        messages.error(request, error_text(exc))
+        messages.error(request, refusal_text(exc))
     else:
         messages.success(request, f"Order “{order.title}” linked to “{directive.title}”; its planner picks it up.")
     return _back(request, order)
@@ -211,7 +198,7 @@ def order_delete_view(request: HttpRequest, pk: Any) -> HttpResponse:
     try:
         order_delete(order=order, actor=Actor.for_user(request.user))
     except (DomainError, ValidationError) as exc:
-        messages.error(request, error_text(exc))
+        messages.error(request, refusal_text(exc))
         return _back(request, order)
     messages.success(request, f"Order “{title}” deleted.")
     return redirect(reverse("order-board"))

@@ -122,6 +122,52 @@ def database_url(prefix: str = "makima_e2e_") -> Iterator[str]:
             yield f"sqlite:///{folder}/makima.sqlite3"
 
 
+def _environment(db_url: str, public_url: str, extra_env: dict[str, str] | None) -> dict[str, str]:
+    return {
+        **os.environ,
+        "DATABASE_URL": db_url,
+        "MAKIMA_PUBLIC_URL": public_url,
+        "DJANGO_SETTINGS_MODULE": "makima.settings",
+        "DJANGO_SUPERUSER_PASSWORD": "e2e-password-not-secret",
+        "MAKIMA_LOG_LEVEL": "WARNING",
+        **(extra_env or {}),
+    }
+
+
+def _prepare(env: dict[str, str]) -> tuple[str, str]:
+    """Migrate, create alice, and return her API key and a daemon token."""
+    manage(env, "migrate", "--noinput")
+    manage(env, "createsuperuser", "--noinput", "--username", "alice", "--email", "alice@example.com")
+    api_key = manage(env, "createapikey", "alice", "--name", "e2e").strip().splitlines()[-1]
+    daemon_token = manage(env, "createapikey", "alice", "--daemon", "--name", "e2e daemon").strip().splitlines()[-1]
+    return api_key, daemon_token
+
+
+def _start_daphne(port: int, env: dict[str, str], log: Path, *, mode: str = "w") -> subprocess.Popen:
+    with open(log, mode) as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(daphne_command(port, env), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _start_qcluster(env: dict[str, str], log: Path) -> subprocess.Popen:
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            [sys.executable, "manage.py", "qcluster"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+
+
+def _stop(processes: list[subprocess.Popen], timeout: float) -> None:
+    """Terminate, newest first; kill what does not exit within ``timeout``."""
+    for process in reversed(processes):
+        if process.poll() is None:
+            process.terminate()
+    for process in reversed(processes):
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 @contextlib.contextmanager
 def running_stack(
     *, extra_env: dict[str, str] | None = None, cluster: bool = False, database: str | None = None
@@ -134,75 +180,27 @@ def running_stack(
     base_url = f"http://127.0.0.1:{port}"
     fresh = contextlib.nullcontext(database) if database else database_url()
     with fresh as db_url, tempfile.TemporaryDirectory(prefix="makima-e2e-log-") as logs:
-        env = {
-            **os.environ,
-            "DATABASE_URL": db_url,
-            "MAKIMA_PUBLIC_URL": base_url,
-            "DJANGO_SETTINGS_MODULE": "makima.settings",
-            "DJANGO_SUPERUSER_PASSWORD": "e2e-password-not-secret",
-            "MAKIMA_LOG_LEVEL": "WARNING",
-            **(extra_env or {}),
-        }
-        manage(env, "migrate", "--noinput")
-        manage(env, "createsuperuser", "--noinput", "--username", "alice", "--email", "alice@example.com")
-        api_key = manage(env, "createapikey", "alice", "--name", "e2e").strip().splitlines()[-1]
-        daemon_token = manage(env, "createapikey", "alice", "--daemon", "--name", "e2e daemon").strip().splitlines()[-1]
+        env = _environment(db_url, base_url, extra_env)
+        api_key, daemon_token = _prepare(env)
         log = Path(logs) / "daphne.log"
-        with open(log, "w") as out:
-            server = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "daphne",
-                    "-b",
-                    "127.0.0.1",
-                    "-p",
-                    str(port),
-                    # Above makima's own frame limit, so that makima answers `too_large` itself.
-                    "--websocket-max-message-size",
-                    str(2 * int(env.get("MAKIMA_WS_MAX_BYTES", 1024 * 1024))),
-                    "--websocket-max-frame-size",
-                    str(2 * int(env.get("MAKIMA_WS_MAX_BYTES", 1024 * 1024))),
-                    "makima.asgi:application",
-                ],
-                cwd=ROOT,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-            stack = Stack(
-                base_url=base_url,
-                ws_url=f"ws://127.0.0.1:{port}/ws/daemon/",
-                api_key=api_key,
-                daemon_token=daemon_token,
-                env=env,
-                log=log,
-            )
-            stack.processes.append(server)
-            try:
-                _wait_until_up(base_url, server, log)
-                if cluster:
-                    manage(env, "setup_schedules")
-                    stack.processes.append(
-                        subprocess.Popen(
-                            [sys.executable, "manage.py", "qcluster"],
-                            cwd=ROOT,
-                            env=env,
-                            stdout=open(Path(logs) / "cluster.log", "w"),  # noqa: SIM115
-                            stderr=subprocess.STDOUT,
-                        )
-                    )
-                yield stack
-            finally:
-                for process in reversed(stack.processes):
-                    if process.poll() is None:
-                        process.terminate()
-                for process in reversed(stack.processes):
-                    try:
-                        process.wait(timeout=10)
-                    except subprocess.TimeoutExpired:
-                        process.kill()
-                        process.wait()
+        server = _start_daphne(port, env, log)
+        stack = Stack(
+            base_url=base_url,
+            ws_url=f"ws://127.0.0.1:{port}/ws/daemon/",
+            api_key=api_key,
+            daemon_token=daemon_token,
+            env=env,
+            log=log,
+        )
+        stack.processes.append(server)
+        try:
+            _wait_until_up(base_url, server, log)
+            if cluster:
+                manage(env, "setup_schedules")
+                stack.processes.append(_start_qcluster(env, Path(logs) / "cluster.log"))
+            yield stack
+        finally:
+            _stop(stack.processes, timeout=10)
 
 
 def _wait_until_up(base_url: str, server: subprocess.Popen, log: Path) -> None:
@@ -302,35 +300,16 @@ def running_cluster(
         db_url = database or resources.enter_context(database_url(database_prefix))
         logs = Path(resources.enter_context(tempfile.TemporaryDirectory(prefix="makima-cluster-log-")))
         ports = [free_port() for _ in range(web)]
-        env = {
-            **os.environ,
-            "DATABASE_URL": db_url,
-            # Daemons and agents are told the first web process; a proxy would be the public address.
-            "MAKIMA_PUBLIC_URL": f"http://127.0.0.1:{ports[0]}",
-            "DJANGO_SETTINGS_MODULE": "makima.settings",
-            "DJANGO_SUPERUSER_PASSWORD": "e2e-password-not-secret",
-            "MAKIMA_LOG_LEVEL": "WARNING",
-            **(extra_env or {}),
-        }
-        if credentials is None:
-            manage(env, "migrate", "--noinput")
-            manage(env, "createsuperuser", "--noinput", "--username", "alice", "--email", "alice@example.com")
-            api_key = manage(env, "createapikey", "alice", "--name", "e2e").strip().splitlines()[-1]
-            daemon_token = (
-                manage(env, "createapikey", "alice", "--daemon", "--name", "e2e daemon").strip().splitlines()[-1]
-            )
-        else:
-            api_key, daemon_token = credentials
+        # Daemons and agents are told the first web process; a proxy would be the public address.
+        env = _environment(db_url, f"http://127.0.0.1:{ports[0]}", extra_env)
+        api_key, daemon_token = credentials if credentials is not None else _prepare(env)
         if schedules:
             manage(env, "setup_schedules")
         cluster = Cluster(web=[], api_key=api_key, daemon_token=daemon_token, env=env, logs=logs)
         try:
             for index, port in enumerate(ports):
                 log = logs / f"daphne-{index}.log"
-                with open(log, "w") as out:  # the child keeps its own copy of the descriptor
-                    process = subprocess.Popen(
-                        daphne_command(port, env), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
-                    )
+                process = _start_daphne(port, env, log)
                 cluster.processes.append(process)
                 cluster.web.append(
                     Web(
@@ -341,29 +320,12 @@ def running_cluster(
                     )
                 )
             for index in range(clusters):
-                with open(logs / f"qcluster-{index}.log", "w") as out:
-                    cluster.processes.append(
-                        subprocess.Popen(
-                            [sys.executable, "manage.py", "qcluster"],
-                            cwd=ROOT,
-                            env=env,
-                            stdout=out,
-                            stderr=subprocess.STDOUT,
-                        )
-                    )
+                cluster.processes.append(_start_qcluster(env, logs / f"qcluster-{index}.log"))
             for one in cluster.web:
                 _wait_until_up(one.base_url, one.process, one.log)
             yield cluster
         finally:
-            for process in reversed(cluster.processes):
-                if process.poll() is None:
-                    process.terminate()
-            for process in reversed(cluster.processes):
-                try:
-                    process.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            _stop(cluster.processes, timeout=15)
 
 
 # --------------------------------------------------------------------------- faults: a crashed server, a fast tick
@@ -382,10 +344,7 @@ def restart_server(stack: Stack, *, kill: bool = True) -> subprocess.Popen:
             server.terminate()
     server.wait(timeout=30)
     port = int(stack.base_url.rsplit(":", 1)[1])
-    with open(stack.log, "a") as out:  # the child keeps its own copy of the descriptor
-        process = subprocess.Popen(
-            daphne_command(port, stack.env), cwd=ROOT, env=stack.env, stdout=out, stderr=subprocess.STDOUT
-        )
+    process = _start_daphne(port, stack.env, stack.log, mode="a")
     stack.processes[0] = process
     # The port may still be held for a moment by the dead process's sockets; daphne binds with SO_REUSEADDR.
     _wait_until_up(stack.base_url, process, stack.log)
