@@ -16,6 +16,7 @@ from django.contrib.auth.models import Group
 from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
 from django.db.models import Q
 
+from directives import branches
 from directives.models import AgentKind, Directive, Step
 
 LINES_HELP = "One per line."
@@ -177,6 +178,12 @@ class DirectiveForm(forms.Form):
         verifiers = directive.verifiers
         initial["verifiers"] = verifiers if isinstance(verifiers, str) else "\n".join(verifiers or [])
         return initial
+
+    def clean_base_branch(self) -> str:
+        value = self.cleaned_data["base_branch"].strip()
+        if not branches.is_branch_name(value):
+            raise ValidationError(branches.RULE)
+        return value
 
     def clean_verifiers(self) -> Any:
         lines = split_lines(self.cleaned_data.get("verifiers", ""))

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
-from django.urls import include, path
+from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
+from makima.api import not_found
 from makima.health import healthz
 from makima.metrics import metrics
 
@@ -14,6 +15,10 @@ api_v1 = [
     path("", include("directives.api.urls")),
     path("", include("contracts.api.urls")),
     path("", include("daemons.api.urls")),
+    # Last: a path no API route matched (an unknown endpoint, an id that is not a
+    # UUID) answers a JSON 404 rather than Django's HTML page. Only paths ending
+    # in "/": a known route without its slash still gets the redirect.
+    re_path(r"^(?P<path>(?:.*/)?)$", not_found),
 ]
 
 urlpatterns = [

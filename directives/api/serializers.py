@@ -7,7 +7,6 @@ the values to a service, which owns every rule about what may change.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +15,7 @@ from django.contrib.auth.models import Group
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from directives import branches
 from directives.models import (
     AgentKind,
     ApprovalRequest,
@@ -51,33 +51,16 @@ class StrictInputMixin:
         return super().to_internal_value(data)  # type: ignore[misc]
 
 
-# What git accepts as a branch name (git check-ref-format), less names that a
-# git command line would read as an option: daemons run `git` with it.
-_BRANCH_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//|/\.|\.lock(/|$)")
-
-
-def is_branch_name(name: str) -> bool:
-    return bool(
-        name
-        and not name.startswith(("-", "/", "."))
-        and not name.endswith(("/", "."))
-        and name not in ("@", "HEAD")
-        and not _BRANCH_FORBIDDEN.search(name)
-    )
-
-
 class BranchNameField(serializers.CharField):
     """A git branch name: ``../../etc`` or ``--upload-pack=…`` are refused here,
     with a clear error, rather than by the daemon's git when the task starts."""
 
-    default_error_messages = {
-        # Doubled braces: DRF formats these messages.
-        "branch": "Not a git branch name: no spaces, '..', '~^:?*[\\', '@{{', leading '-' or '.', trailing '/' or '.'."
-    }
+    # Doubled braces: DRF formats these messages.
+    default_error_messages = {"branch": branches.RULE.replace("{", "{{").replace("}", "}}")}
 
     def to_internal_value(self, data: Any) -> str:
         value = super().to_internal_value(data)
-        if not is_branch_name(value):
+        if not branches.is_branch_name(value):
             self.fail("branch")
         return value
 

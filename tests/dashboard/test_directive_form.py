@@ -205,6 +205,23 @@ def test_negative_limits_and_thresholds_out_of_range_are_refused(client_as, alic
     assert not Directive.objects.exists()
 
 
+@pytest.mark.parametrize(
+    "branch", ["../../etc", "--upload-pack=touch x", "feature branch", "a..b", "main.lock", "HEAD"]
+)
+def test_a_base_branch_git_would_refuse_or_read_as_an_option_is_refused_as_the_api_does(client_as, alice, branch):
+    response = client_as(alice).post(CREATE, form_data(base_branch=branch))
+    assert response.status_code == 200
+    assert response.context["form"].errors["base_branch"] == [
+        "Not a git branch name: no spaces, '..', '~^:?*[\\', '@{', leading '-' or '.', trailing '/' or '.'."
+    ]
+    assert not Directive.objects.exists()
+
+
+def test_a_nested_base_branch_is_accepted(client_as, alice):
+    client_as(alice).post(CREATE, form_data(base_branch="release/2.1"))
+    assert Directive.objects.get().base_branch == "release/2.1"
+
+
 # --------------------------------------------------------------------------- edit
 
 
@@ -239,6 +256,14 @@ def test_a_valid_edit_saves_and_returns_to_the_directive(client_as, alice):
     assert directive.fail_closed is True
     assert texts(response) == ["Saved."]
     assert not GoalHistory.objects.exists()
+
+
+def test_an_invalid_base_branch_in_an_edit_changes_nothing(client_as, alice):
+    directive = make_directive(alice, title="Original")
+    response = client_as(alice).post(edit_url(directive), data_of(directive, title="Renamed", base_branch="-x"))
+    assert "base_branch" in response.context["form"].errors
+    directive.refresh_from_db()
+    assert (directive.title, directive.base_branch) == ("Original", "main")
 
 
 def test_an_invalid_edit_changes_nothing(client_as, alice):
