@@ -40,6 +40,7 @@ from directives.selectors import (
     steps_visible_to,
 )
 from directives.templatetags.dashboard import elapsed, label
+from directives.views.common import evaluation_rows, verifier_rows
 
 PARTS = ("header", "dag", "grid", "events", "goals")
 EVENTS_PAGE = 100
@@ -112,11 +113,6 @@ def _grid_cell(attempt: Attempt) -> dict[str, Any]:
             for e in attempt.evaluations
         ],
     }
-
-
-def _dicts(value: Any) -> list[dict[str, Any]]:
-    """The mapping items of an agent- or daemon-supplied JSON list."""
-    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
 
 
 # --------------------------------------------------------------------------- page data
@@ -430,11 +426,10 @@ def _step_panel_context(request: HttpRequest, directive: Directive, step_id: Any
     )
     evaluations = list(evaluations_visible_to(user).filter(step=step).order_by("created_at", "id"))
     for evaluation in evaluations:
-        evaluation.criteria = _dicts(evaluation.criteria_results)
-        evaluation.verifiers = _dicts(evaluation.verifier_results)
+        evaluation_rows(evaluation)
     outputs = _output_lines(tasks)
     for task in tasks:
-        task.verifiers = _dicts(task.verifier_results)
+        task.verifier_rows = verifier_rows(task.verifier_results)
         task.output_context = outputs[task.pk]
     execution = [t for t in tasks if t.kind == Task.Kind.EXECUTION]
     evaluators = [t for t in tasks if t.kind == Task.Kind.MONITORING]

@@ -20,7 +20,7 @@ from django.views.decorators.http import require_GET, require_POST
 from directives.models import ApprovalRequest
 from directives.selectors import approvals_visible_to
 from directives.services import approval_approve, approval_deny
-from directives.views.common import redirect_back, refusal_text
+from directives.views.common import evaluation_rows, redirect_back, refusal_text
 from makima.errors import DomainError
 from makima.state import Actor
 
@@ -44,48 +44,6 @@ class ApprovalAnswerForm(forms.Form):
         if self.deny and not note:
             raise ValidationError("Say what should change: the note becomes the instructions for the rework.")
         return note
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        return None
-
-
-def _text(value: Any) -> str:
-    return "" if value is None else str(value)
-
-
-def evaluation_rows(evaluation: Any) -> None:
-    """Give an evaluation ``criteria_rows`` and ``verifier_rows``: its JSON lists
-    coerced to plain values, since agents write them and may write anything."""
-    criteria = evaluation.criteria_results if isinstance(evaluation.criteria_results, list) else []
-    verifiers = evaluation.verifier_results if isinstance(evaluation.verifier_results, list) else []
-    evaluation.criteria_rows = [
-        {
-            "criterion": _text(item.get("criterion") or item.get("id")),
-            "passed": item.get("passed") is True,
-            "score": _number(item.get("score")),
-            "evidence": _text(item.get("evidence")),
-        }
-        if isinstance(item, dict)
-        else {"criterion": _text(item), "passed": False, "score": None, "evidence": ""}
-        for item in criteria
-    ]
-    evaluation.verifier_rows = [
-        {
-            "name": _text(item.get("command") or item.get("name")),
-            "passed": item.get("passed") is True,
-            "exit_code": _text(item.get("exit_code")),
-            "duration_s": _number(item.get("duration_s")),
-            "output_tail": _text(item.get("output_tail")),
-        }
-        for item in verifiers
-        if isinstance(item, dict)
-    ]
 
 
 def _inbox_queryset(user: Any, tab: str) -> QuerySet[ApprovalRequest]:

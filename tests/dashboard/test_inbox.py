@@ -243,6 +243,27 @@ def test_malformed_evaluation_json_does_not_break_the_page(client_as, alice):
     assert "just a string" in response.content.decode()
 
 
+def test_the_inbox_and_the_step_panel_show_an_evaluation_the_same_way(client_as, alice):
+    approval = waiting_approval(alice)
+    approval.evaluation.criteria_results.append("a bare sentence")
+    approval.evaluation.rework_instructions = "Log the errors."
+    approval.evaluation.save(update_fields=["criteria_results", "rework_instructions"])
+    client = client_as(alice)
+    step = approval.step
+    panel = reverse("step-panel", args=[step.directive_id, step.pk])
+
+    def section(html: str) -> str:
+        start = html.index('<section class="evaluation"')
+        return html[start : html.index("</section>", start)]
+
+    in_inbox = section(client.get(INBOX).content.decode())
+    in_panel = section(client.get(panel, headers={"HX-Request": "true"}).content.decode())
+    assert in_inbox == in_panel
+    for text in ("GET /healthz answers 200", "no log call found", "a bare sentence", "pytest -q", "1 failed"):
+        assert text in in_inbox
+    assert "Log the errors." in in_inbox
+
+
 def test_the_inbox_runs_a_constant_number_of_queries(client_as, alice, django_assert_max_num_queries):
     for i in range(32):
         waiting_approval(alice, directive_fields={"title": f"Directive {i}"})

@@ -166,7 +166,12 @@ def test_the_panel_shows_each_attempt_with_its_evaluation_and_verifier_results(c
     assert "Works but untested." in body
     assert "Add a test for /healthz." in body
     # Verifier results of the task.
-    assert "pytest -q" in body and "✗ failed" in body and "12.5s" in body and "1 failed, 3 passed" in body
+    assert (
+        "pytest -q" in body
+        and '<span aria-hidden="true">✗</span> failed' in body
+        and "12.5s" in body
+        and "1 failed, 3 passed" in body
+    )
     assert first.pk != second.pk
 
 
@@ -220,13 +225,16 @@ def test_agent_text_in_the_panel_is_escaped(client_as, alice, directive, build):
         assert "&lt;img src=x onerror=alert(1)&gt;" in body
 
 
-def test_malformed_criteria_and_verifier_items_are_skipped(client_as, alice, directive, build):
+def test_malformed_criteria_show_as_text_and_malformed_verifier_items_are_skipped(client_as, alice, directive, build):
     make_task(directive, step=build, status=Task.Status.DONE, verifier_results=["not an object", 3])
-    make_evaluation(build, criteria_results=["just text", {"criterion": "Real one", "passed": True}])
+    make_evaluation(build, criteria_results=["just text", {"criterion": "Real one", "passed": "yes"}, 7])
     response = client_as(alice).get(panel_url(directive, build), headers=HTMX)
     assert response.status_code == 200
     body = response.content.decode()
-    assert "Real one" in body and "just text" not in body
+    # As in the inbox: what the evaluator wrote is shown, and only `passed: true` passes.
+    assert "Real one" in body and "just text" in body and "<td>7</td>" in body
+    assert "status-passed" not in body.split('class="criteria')[1].split("</table>")[0]
+    assert "not an object" not in body and 'class="verifiers' not in body
 
 
 # --------------------------------------------------------------------------- output
