@@ -15,6 +15,7 @@ django_asgi_app = get_asgi_application()
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from daemons.consumers import allow_rfc_close_codes_in_daphne  # noqa: E402
+from makima.body_limit import RequestBodyLimit  # noqa: E402
 from makima.routing import websocket_urlpatterns  # noqa: E402
 
 # The daemon protocol closes with 1009 after `too_large`; unpatched, daphne turns it into 1011.
@@ -22,7 +23,8 @@ allow_rfc_close_codes_in_daphne()
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        # Bodies without a Content-Length are measured here; Django checks the declared one.
+        "http": RequestBodyLimit(django_asgi_app),
         "websocket": URLRouter(websocket_urlpatterns),
     }
 )

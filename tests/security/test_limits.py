@@ -6,11 +6,13 @@ token (429 with ``Retry-After``), in-process and on a real daphne."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import subprocess
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from rest_framework.test import APIClient
 from contracts.models import ContractFile, Task, TaskOutput
 from contracts.services import task_output_append
 from daemons.models import ApiToken
+from directives.models import Directive
 from makima.api import throttle_cache
 from tests.factories import make_contract, make_directive, make_task, make_token
 from tests.security import security_stack
@@ -134,6 +137,77 @@ def test_the_api_takes_json_bodies_only(alice, contract):
     assert response.status_code == 415
     assert "Unsupported media type" in response.json()["detail"]
     assert not ContractFile.objects.exists()
+
+
+async def post_in_chunks(path: str, token: str, chunks: list[bytes]) -> tuple[int, dict[str, Any]]:
+    """POST through the ASGI application the way a chunked upload arrives: no
+    Content-Length, the body in several ``http.request`` messages."""
+    from asgiref.testing import ApplicationCommunicator
+
+    from makima.asgi import application
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"testserver"),
+            (b"authorization", f"Bearer {token}".encode()),
+            (b"content-type", b"application/json"),
+            (b"transfer-encoding", b"chunked"),
+        ],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }
+    app = ApplicationCommunicator(application, scope)
+    for index, chunk in enumerate(chunks):
+        await app.send_input({"type": "http.request", "body": chunk, "more_body": index < len(chunks) - 1})
+    start = await app.receive_output(10)
+    body = b""
+    while True:
+        message = await app.receive_output(10)
+        body += message.get("body", b"")
+        if not message.get("more_body", False):
+            break
+    await app.wait(10)
+    return start["status"], json.loads(body)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_chunked_body_without_content_length_over_the_limit_gets_413_and_stores_nothing(request_limit):
+    from asgiref.sync import sync_to_async
+
+    from tests.factories import make_user
+
+    alice = await sync_to_async(make_user)("alice")
+    token = (await sync_to_async(make_token)(alice)).plain
+    chunk = b'{"title": "Chunked", "goal": "' + b"x" * 2000
+    status, body = await post_in_chunks("/api/v1/directives/", token, [chunk, b"x" * 2000, b"x" * 2000, b'"}'])
+    assert status == 413
+    assert body == {"detail": "The request body is larger than 4096 bytes (MAKIMA_MAX_REQUEST_BYTES)."}
+    assert not await sync_to_async(Directive.objects.exists)()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_chunked_body_within_the_limit_reaches_the_api_whole(request_limit):
+    from asgiref.sync import sync_to_async
+
+    from tests.factories import make_user
+
+    alice = await sync_to_async(make_user)("alice")
+    token = (await sync_to_async(make_token)(alice)).plain
+    status, body = await post_in_chunks(
+        "/api/v1/directives/", token, [b'{"title": "Chunked", ', b'"goal": "' + b"y" * 3000, b'"}']
+    )
+    assert status == 201, body
+    directive = await sync_to_async(Directive.objects.get)()
+    assert (directive.title, directive.goal) == ("Chunked", "y" * 3000)
 
 
 # --------------------------------------------------------------------------- output retention
@@ -321,6 +395,21 @@ def test_the_limits_hold_on_a_real_server_which_stays_up():
             413,
             "The request body is larger than 65536 bytes (MAKIMA_MAX_REQUEST_BYTES).",
         )
+
+        # The same body sent chunked, without a Content-Length: 413 too, before it is all stored.
+        parsed = urllib.parse.urlsplit(stack.base_url)
+        connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=15)
+        chunks = (big[i : i + 16384] for i in range(0, 128 * 1024, 16384))
+        headers = {"Authorization": f"Bearer {stack.api_key}", "Content-Type": "application/json"}
+        connection.request("POST", "/api/v1/directives/", body=chunks, headers=headers, encode_chunked=True)
+        answer = connection.getresponse()
+        assert (answer.status, json.loads(answer.read())["detail"]) == (
+            413,
+            "The request body is larger than 65536 bytes (MAKIMA_MAX_REQUEST_BYTES).",
+        )
+        connection.close()
+        status, _, page = raw_get(f"{base}/directives/", stack.api_key)
+        assert [d["title"] for d in page["results"]] == ["Limits"]
 
         # A frame over the websocket limit: too_large, then close 1009 (protocol.md).
         async def oversized_frame() -> tuple[dict[str, Any], int | None]:
