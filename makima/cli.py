@@ -8,6 +8,11 @@ Agents use it with the environment the daemon gives them (``MAKIMA_URL``,
 ``MAKIMA_API_KEY``, ``MAKIMA_TASK_ID``, ``MAKIMA_DIRECTIVE_ID``,
 ``MAKIMA_CONTRACT_ID``); operators pass ``--url`` and ``--api-key``.
 
+While the server is unavailable (restarting, or its proxy answering 502, 503,
+504) a command retries its requests for up to ``--retry-for`` seconds
+(``MAKIMA_RETRY_FOR``, default 60), one line on stderr per retry; then it fails
+as it would have at once.
+
 Exit status: 0 done, 1 the server refused, 2 usage error, 3 server unreachable.
 """
 
@@ -24,7 +29,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, TextIO
 
-from makima.client import ApiError, Client, Unreachable
+from makima.client import DEFAULT_RETRY_FOR, ApiError, Client, Unreachable
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -82,9 +87,23 @@ class Context:
             raise UsageError(f"{env} is not set: export it or pass {option}")
         return value
 
+    @property
+    def retry_for(self) -> float:
+        """``--retry-for``, else ``$MAKIMA_RETRY_FOR``, else the client's default."""
+        value = getattr(self.args, "retry_for", None)
+        if value is not None:
+            return value
+        text = self.environ.get("MAKIMA_RETRY_FOR", "").strip()
+        if not text:
+            return DEFAULT_RETRY_FOR
+        try:
+            return retry_seconds(text)
+        except argparse.ArgumentTypeError as exc:
+            raise UsageError(f"MAKIMA_RETRY_FOR {exc}") from None
+
     @cached_property
     def client(self) -> Client:
-        return Client(self.setting("url"), self.setting("api_key"))
+        return Client(self.setting("url"), self.setting("api_key"), retry_for=self.retry_for, notify=notice)
 
     def connect(self) -> Client:
         """Resolve the URL and the key, so that their absence is reported before a missing id's."""
@@ -120,6 +139,23 @@ def seconds(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
     return value
+
+
+def retry_seconds(text: str) -> float:
+    """An argparse type: a number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds (0 or more), not {text!r}")
+    return value
+
+
+def notice(message: str) -> None:
+    """Tell the user what is going on, on stderr: stdout is the command's result."""
+    sys.stderr.write(f"makima: {message}\n")
+    sys.stderr.flush()
 
 
 def read_json(text: str, where: str) -> Any:
@@ -455,6 +491,14 @@ def add_common_options(parser: argparse.ArgumentParser, *, top: bool, output: bo
     for name, (env, option) in SETTINGS.items():
         metavar = {"url": "URL", "api_key": "KEY"}.get(name, "ID")
         group.add_argument(option, dest=name, metavar=metavar, default=default(None), help=f"default: ${env}")
+    group.add_argument(
+        "--retry-for",
+        type=retry_seconds,
+        metavar="SECONDS",
+        default=default(None),
+        help="how long to keep retrying while the server is unavailable (restarting, 502/503/504); "
+        f"0: fail at once (default: $MAKIMA_RETRY_FOR, else {DEFAULT_RETRY_FOR:g})",
+    )
     if output:
         parser.add_argument("--json", action="store_true", default=default(False), help="print JSON")
 
@@ -573,7 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="makima",
         description="The makima command line: agents manage their directive and contract; operators "
         "create and watch directives and run worker daemons.",
-        epilog="Exit status: 0 done, 1 the server refused, 2 usage error, 3 server unreachable.",
+        epilog="Requests are retried for up to --retry-for seconds while the server is unavailable. "
+        "Exit status: 0 done, 1 the server refused, 2 usage error, 3 server unreachable.",
     )
     add_common_options(parser, top=True)
     subparsers = parser.add_subparsers(dest="group", metavar="GROUP", required=True)

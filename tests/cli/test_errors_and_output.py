@@ -130,9 +130,8 @@ def test_a_refused_transition_shows_the_server_detail(agent):
 
 def test_an_unreachable_server_is_exit_status_3():
     url = f"http://127.0.0.1:{closed_port()}"
-    result = run_makima(
-        "directive", "show", env=worker_env(MAKIMA_URL=url, MAKIMA_API_KEY="k", MAKIMA_DIRECTIVE_ID="d")
-    )
+    env = worker_env(MAKIMA_URL=url, MAKIMA_API_KEY="k", MAKIMA_DIRECTIVE_ID="d", MAKIMA_RETRY_FOR="0")
+    result = run_makima("directive", "show", env=env)
     assert result.returncode == 3
     assert result.stderr.startswith(f"makima: cannot reach makima at {url}: ")
     assert result.stderr.rstrip().endswith("— check MAKIMA_URL / --url")
@@ -167,7 +166,7 @@ def test_the_cli_never_imports_django_or_the_server():
     probe = (
         "import sys\n"
         "from makima.cli import main\n"
-        "main(['--url', 'http://127.0.0.1:9', '--api-key', 'k', 'directive', 'show', 'some-id'])\n"
+        "main(['--url', 'http://127.0.0.1:9', '--api-key', 'k', '--retry-for', '0', 'directive', 'show', 'x'])\n"
         "server = ('django', 'rest_framework', 'directives', 'contracts', 'daemons', 'makima.settings')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in server or m in server))\n"
     )
