@@ -845,7 +845,13 @@ def steps_add(*, directive: Directive, specs: Sequence[StepSpec], actor: Actor) 
                 if ref not in batch_names and ref not in existing_by_name:
                     with contextlib.suppress(ValueError):
                         id_refs.add(uuid.UUID(ref))
-        steps_by_id = {s.pk: s for s in Step.objects.filter(pk__in=id_refs).only("id", "directive_id", "name")}
+        # Only steps of the same owner's directives: another user's step is as unknown as a made-up id.
+        steps_by_id = {
+            s.pk: s
+            for s in Step.objects.filter(pk__in=id_refs, directive__owner_id=directive.owner_id).only(
+                "id", "directive_id", "name"
+            )
+        }
         resolved: dict[str, list[tuple[str, Step | None]]] = {}
         for spec in specs:
             deps: list[tuple[str, Step | None]] = []
@@ -1003,7 +1009,8 @@ def _resolve_dependencies_of_existing(step: Step, refs: Sequence[str]) -> list[S
         target = siblings.get(ref)
         if target is None:
             try:
-                target = Step.objects.filter(pk=uuid.UUID(ref)).first()
+                # Another user's step is as unknown as a made-up id.
+                target = Step.objects.filter(pk=uuid.UUID(ref), directive__owner_id=step.directive.owner_id).first()
             except ValueError:
                 target = None
             if target is None:

@@ -450,7 +450,19 @@ def test_a_refused_first_batch_does_not_leave_an_empty_chain_behind(alice, as_al
     assert reload(directive).current_chain_id is None
 
 
-def test_it_refuses_a_dependency_on_another_directives_step(alice, bob, as_alice):
+def test_it_refuses_a_dependency_on_another_directives_step(alice, as_alice):
+    mine = make_directive(alice)
+    [other] = make_steps(make_directive(alice, title="Other"), {"name": "Other"})
+    before = snapshot()
+
+    with pytest.raises(ValidationError) as excinfo:
+        steps_add(directive=mine, specs=specs({"name": "A", "depends_on": [str(other.pk)]}), actor=as_alice)
+
+    assert f"step 'A': dependency '{other.pk}' belongs to another directive" in excinfo.value.message_dict["steps"]
+    assert snapshot() == before
+
+
+def test_another_users_step_is_an_unknown_dependency_which_does_not_reveal_that_it_exists(alice, bob, as_alice):
     mine = make_directive(alice)
     [theirs] = make_steps(make_directive(bob), {"name": "Theirs"})
     before = snapshot()
@@ -458,8 +470,12 @@ def test_it_refuses_a_dependency_on_another_directives_step(alice, bob, as_alice
     with pytest.raises(ValidationError) as excinfo:
         steps_add(directive=mine, specs=specs({"name": "A", "depends_on": [str(theirs.pk)]}), actor=as_alice)
 
-    assert f"step 'A': dependency '{theirs.pk}' belongs to another directive" in excinfo.value.message_dict["steps"]
+    assert excinfo.value.message_dict["steps"] == [f"step 'A': unknown dependency '{theirs.pk}'"]
     assert snapshot() == before
+    [step] = make_steps(mine, {"name": "B"})
+    with pytest.raises(ValidationError) as excinfo:
+        step_update(step=step, actor=as_alice, depends_on=[str(theirs.pk)])
+    assert f"unknown dependency '{theirs.pk}'" in str(excinfo.value)
 
 
 def test_it_reports_every_problem_of_a_batch_at_once(alice, as_alice):
