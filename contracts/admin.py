@@ -58,11 +58,11 @@ class TaskInline(ReadOnlyInline):
 
 
 class TaskOutputInline(ReadOnlyInline):
-    """The tail of a task's output, oldest line first."""
+    """The tail of a task's output, oldest line first (a retried task's attempts in turn)."""
 
     model = TaskOutput
-    fields = ("seq", "stream", "content", "created_at")
-    row_ordering = ("-seq",)
+    fields = ("attempt", "seq", "stream", "content", "created_at")
+    row_ordering = ("-attempt", "-seq")
     reverse_rows = True
     limit = 200
     show_change_link = False
@@ -240,7 +240,7 @@ class TaskAdmin(ViewOnlyMixin, UUIDSearchMixin, admin.ModelAdmin):
 
 @admin.register(TaskOutput)
 class TaskOutputAdmin(ViewOnlyMixin, UUIDSearchMixin, admin.ModelAdmin):
-    list_display = ("task_link", "seq", "stream", "content_excerpt", "created_at")
+    list_display = ("task_link", "attempt", "seq", "stream", "content_excerpt", "created_at")
     list_filter = ("stream",)
     list_select_related = ("task",)
     search_fields = ("content",)
@@ -248,7 +248,7 @@ class TaskOutputAdmin(ViewOnlyMixin, UUIDSearchMixin, admin.ModelAdmin):
     uuid_search_fields = ("task_id",)
     # Output grows without bound: skip the second COUNT(*) over the whole table.
     show_full_result_count = False
-    fields = ("task", "seq", "stream", "content", "created_at")
+    fields = ("task", "attempt", "seq", "stream", "content", "created_at")
 
     task_link = link_column("task", ordering="task__name")
 

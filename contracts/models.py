@@ -224,14 +224,19 @@ class TaskOutput(models.Model):
 
     id = models.BigAutoField(primary_key=True)
     task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="output")
+    # A retried task runs again (Task.attempt + 1) and its daemon numbers lines
+    # from 1 again: seq is unique per attempt, not per task.
+    attempt = models.PositiveIntegerField(default=1)
     seq = models.PositiveIntegerField()
     stream = models.CharField(max_length=8, choices=Stream.choices, default=Stream.STDOUT)
     content = models.TextField()
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
-        ordering = ["task", "seq"]
-        constraints = [models.UniqueConstraint(fields=["task", "seq"], name="task_output_unique_seq")]
+        ordering = ["task", "attempt", "seq"]
+        constraints = [
+            models.UniqueConstraint(fields=["task", "attempt", "seq"], name="task_output_unique_attempt_seq")
+        ]
 
     def __str__(self) -> str:
-        return f"{self.task_id}#{self.seq}"
+        return f"{self.task_id}#{self.attempt}.{self.seq}"

@@ -232,10 +232,16 @@ def task_supervisor_complete(*, task: Task, actor: Actor) -> Task:
 
 
 def task_output_append(*, task: Task, items: Iterable[Mapping[str, Any]]) -> int:
-    """Store output lines; a ``(task, seq)`` already stored is ignored. Returns
-    how many items were offered. Content longer than the per-line limit is cut,
-    and a task keeps only its newest lines (:func:`task_output_trim`)."""
+    """Store output lines of the task's current attempt (``task.attempt``); a
+    ``(task, attempt, seq)`` already stored is ignored. Returns how many items
+    were offered. Content longer than the per-line limit is cut, and an attempt
+    keeps only its newest lines (:func:`task_output_trim`).
+
+    A retried task's daemon numbers its lines from 1 again, so each attempt has
+    its own seqs; ``task`` must be fresh (as :func:`task_report_output` reads
+    it), or a retry's lines would be filed under the previous attempt."""
     limit = settings.MAKIMA_TASK_OUTPUT_MAX_BYTES
+    attempt = task.attempt
     rows = []
     for item in items:
         content = item["content"]
@@ -243,38 +249,45 @@ def task_output_append(*, task: Task, items: Iterable[Mapping[str, Any]]) -> int
         # characters let a line of 4-byte characters keep four times as much.
         if len(content) > limit // 4 and len(content.encode("utf-8", "surrogatepass")) > limit:
             content = content.encode("utf-8", "surrogatepass")[:limit].decode("utf-8", "ignore") + "\n… [cut]"
-        rows.append(TaskOutput(task=task, seq=item["seq"], stream=item.get("stream", "stdout"), content=content))
+        rows.append(
+            TaskOutput(
+                task=task, attempt=attempt, seq=item["seq"], stream=item.get("stream", "stdout"), content=content
+            )
+        )
     TaskOutput.objects.bulk_create(rows, ignore_conflicts=True)
-    # seqs are unique positive numbers per task: while none passes the limit,
-    # the task cannot hold more lines than it, so the usual batch costs no query.
+    # seqs are unique positive numbers per attempt: while none passes the limit,
+    # the attempt cannot hold more lines than it, so the usual batch costs no query.
     if rows and max(row.seq for row in rows) > settings.MAKIMA_TASK_OUTPUT_MAX_LINES:
-        task_output_trim(task=task)
+        task_output_trim(task=task, attempt=attempt)
     return len(rows)
 
 
-def task_output_trim(*, task: Task) -> int:
-    """Retention: a task keeps at most ``MAKIMA_TASK_OUTPUT_MAX_LINES`` lines of
-    output, the newest. The oldest go, and a ``system`` line takes the place of
-    the last one dropped (its ``seq``), saying that lines 1 to that ``seq`` were
-    dropped; readers that follow with ``after_seq`` see nothing change. Returns
-    how many rows were deleted. Without it, an agent printing without end filled
-    the database."""
+def task_output_trim(*, task: Task, attempt: int | None = None) -> int:
+    """Retention: each attempt of a task (``attempt``, by default the current
+    one) keeps at most ``MAKIMA_TASK_OUTPUT_MAX_LINES`` lines of output, the
+    newest; other attempts' lines are not touched. The oldest go, and a
+    ``system`` line takes the place of the last one dropped (its ``seq``),
+    saying that lines 1 to that ``seq`` were dropped; readers that follow with
+    ``after_seq`` see nothing change. Returns how many rows were deleted.
+    Without it, an agent printing without end filled the database."""
     keep = settings.MAKIMA_TASK_OUTPUT_MAX_LINES
-    lines = TaskOutput.objects.filter(task=task)
+    attempt = task.attempt if attempt is None else attempt
+    lines = TaskOutput.objects.filter(task=task, attempt=attempt)
     bounds = lines.aggregate(low=Min("seq"), high=Max("seq"))
     if bounds["high"] is None or bounds["high"] - bounds["low"] + 1 <= keep:
-        return 0  # seqs are unique per task, so there are at most `keep` rows: the usual, cheap case
+        return 0  # seqs are unique per attempt, so there are at most `keep` rows: the usual, cheap case
     # The oldest line kept: keep - 1 lines, plus the marker.
     oldest_kept = lines.order_by("-seq").values_list("seq", flat=True)[keep - 2 : keep - 1].first()
     if oldest_kept is None:
         return 0  # gaps in seq: fewer rows than the range suggests
     marker = TaskOutput(
         task=task,
+        attempt=attempt,
         seq=oldest_kept - 1,
         stream=TaskOutput.Stream.SYSTEM,
         content=(
             f"[makima] output lines 1–{oldest_kept - 1} were dropped: a task keeps at most "
-            f"{keep} lines of output, the newest (MAKIMA_TASK_OUTPUT_MAX_LINES)."
+            f"{keep} lines of output per attempt, the newest (MAKIMA_TASK_OUTPUT_MAX_LINES)."
         ),
     )
     with transaction.atomic():
@@ -661,8 +674,12 @@ def task_resume_after_message(*, daemon: Any, task_id: Any) -> bool:
 
 
 def task_report_output(*, daemon: Any, task_id: Any, items: Iterable[Mapping[str, Any]]) -> int:
-    """``task_output``: store a batch of lines, each ``(task, seq)`` once. Lines of a
-    task that already ended are kept too (a daemon may re-send after a reconnect)."""
+    """``task_output``: store a batch of lines, each ``(task, attempt, seq)`` once.
+    Lines of a task that already ended are kept too (a daemon may re-send after a
+    reconnect). The lines belong to the task's current attempt: only the daemon
+    the task is assigned to now may report (a retry clears the assignment, so a
+    lost daemon's late lines are refused), and the task row read here to check
+    that is the one that says which attempt it runs — no query more per batch."""
     task = _own_task(daemon=daemon, task_id=task_id)
     return task_output_append(task=task, items=items)
 

@@ -190,7 +190,7 @@ MAKIMA_MAX_CONTRACT_FILE_BYTES = env_int("MAKIMA_MAX_CONTRACT_FILE_BYTES", 1024 
 MAKIMA_MAX_STEPS_PER_BATCH = env_int("MAKIMA_MAX_STEPS_PER_BATCH", 500, minimum=1)
 MAKIMA_MAX_STEPS_PER_DIRECTIVE = env_int("MAKIMA_MAX_STEPS_PER_DIRECTIVE", 2000, minimum=1)
 MAKIMA_TASK_OUTPUT_MAX_BYTES = env_int("MAKIMA_TASK_OUTPUT_MAX_BYTES", 64 * 1024, minimum=1)
-# Output lines kept per task; past it the oldest go, and a marker line in their place says how many.
+# Output lines kept per task attempt; past it the oldest go, and a marker line in their place says how many.
 MAKIMA_TASK_OUTPUT_MAX_LINES = env_int("MAKIMA_TASK_OUTPUT_MAX_LINES", 10_000, minimum=10)
 # REST API requests per token ("N/s", "N/min", "N/hour", "N/day"; "0" = no limit): each user
 # API key, and each task token (agents); past it: 429 with Retry-After. Sessions are not counted.

@@ -17,6 +17,7 @@ from contracts.services import TASK_MESSAGE_MAX_CHARS
 # A task's output is read in pages of at most this many lines.
 OUTPUT_PAGE_DEFAULT = 200
 OUTPUT_PAGE_MAX = 1000
+INTEGER_MAX = 2**31 - 1  # TaskOutput.attempt is an integer column
 
 
 class StrictCharField(serializers.CharField):
@@ -181,8 +182,20 @@ class TaskOutputSerializer(serializers.ModelSerializer):
 class TaskOutputQuerySerializer(serializers.Serializer):
     """Query parameters of ``GET /tasks/{id}/output/``."""
 
+    attempt = serializers.IntegerField(
+        min_value=1,
+        max_value=INTEGER_MAX,
+        required=False,
+        help_text=(
+            "Whose lines: a retried task runs again as its next attempt and numbers its lines from 1 again. "
+            "Default: the task's current attempt."
+        ),
+    )
     after_seq = serializers.IntegerField(
-        min_value=0, required=False, default=0, help_text="Return lines with a larger seq (0: from the start)."
+        min_value=0,
+        required=False,
+        default=0,
+        help_text="Return lines of that attempt with a larger seq (0: from the start).",
     )
     limit = serializers.IntegerField(
         min_value=1,
@@ -194,8 +207,11 @@ class TaskOutputQuerySerializer(serializers.Serializer):
 
 
 class TaskOutputPageSerializer(serializers.Serializer):
-    """One page of a task's output, oldest first. Poll again with ``after_seq=next_after_seq``."""
+    """One page of one attempt's output, oldest first. Poll again with the same
+    ``attempt`` and ``after_seq=next_after_seq``; once ``task_attempt`` is larger
+    than ``attempt``, the task was retried: read the new attempt from ``after_seq=0``."""
 
+    attempt = serializers.IntegerField(help_text="The attempt these lines belong to.")
     items = TaskOutputSerializer(many=True)
     next_after_seq = serializers.IntegerField(
         help_text="The seq of the last line returned, or the requested after_seq when there is none."
@@ -204,3 +220,6 @@ class TaskOutputPageSerializer(serializers.Serializer):
     # A plain string rather than a second copy of the Task status enum (which would make
     # drf-spectacular's enum naming ambiguous).
     task_status = serializers.CharField(help_text="The task's status, so a poller knows when to stop.")
+    task_attempt = serializers.IntegerField(
+        help_text="The task's current attempt, so a poller knows when a retry started (seq begins at 1 again)."
+    )

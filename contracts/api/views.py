@@ -204,8 +204,12 @@ class TaskViewSet(TaskTokenScope, viewsets.ReadOnlyModelViewSet):
     @extend_schema(
         summary="Read a task's output",
         description=(
-            "Output lines with `seq` greater than `after_seq`, in `seq` order, at most `limit` of them. "
-            "To follow a running task, call again with `after_seq` set to the returned `next_after_seq`."
+            "Output lines of one attempt of the task (`attempt`, by default the current one) with `seq` "
+            "greater than `after_seq`, in `seq` order, at most `limit` of them. A task whose daemon was lost "
+            "is retried as its next attempt, whose lines are numbered from 1 again; an attempt without "
+            "output gives an empty page. To follow a running task, call again with the returned `attempt` "
+            "and `after_seq` set to the returned `next_after_seq`; when `has_more` is false and "
+            "`task_attempt` is larger than `attempt`, go on with `attempt=task_attempt` and `after_seq=0`."
         ),
         parameters=[TaskOutputQuerySerializer],
         responses=TaskOutputPageSerializer,
@@ -216,20 +220,23 @@ class TaskViewSet(TaskTokenScope, viewsets.ReadOnlyModelViewSet):
         task = self.get_object()
         query = TaskOutputQuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
+        attempt: int = query.validated_data.get("attempt", task.attempt)
         after_seq: int = query.validated_data["after_seq"]
         limit: int = query.validated_data["limit"]
         lines = list(
             selectors.task_output_visible_to(request.user)
-            .filter(task=task, seq__gt=after_seq)
+            .filter(task=task, attempt=attempt, seq__gt=after_seq)
             .order_by("seq")[: limit + 1]
         )
         has_more = len(lines) > limit
         lines = lines[:limit]
         page = {
+            "attempt": attempt,
             "items": TaskOutputSerializer(lines, many=True).data,
             "next_after_seq": lines[-1].seq if lines else after_seq,
             "has_more": has_more,
             "task_status": task.status,
+            "task_attempt": task.attempt,
         }
         return Response(page)
 

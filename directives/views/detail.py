@@ -378,15 +378,15 @@ def _region_context(data: PageData, part: str, request: HttpRequest) -> dict[str
 
 
 def _output_lines(tasks: list[Task]) -> dict[Any, dict[str, Any]]:
-    """The last :data:`OUTPUT_LINES` lines of each task, in one query."""
+    """The last :data:`OUTPUT_LINES` lines of each attempt of each task, in one query."""
     if not tasks:
         return {}
     rows = (
         TaskOutput.objects.filter(task_id__in=[t.pk for t in tasks])
-        .annotate(from_end=Window(RowNumber(), partition_by=[F("task_id")], order_by=F("seq").desc()))
+        .annotate(from_end=Window(RowNumber(), partition_by=[F("task_id"), F("attempt")], order_by=F("seq").desc()))
         .filter(from_end__lte=OUTPUT_LINES + 1)
-        .only("id", "task_id", "seq", "stream", "content")
-        .order_by("task_id", "seq")
+        .only("id", "task_id", "attempt", "seq", "stream", "content")
+        .order_by("task_id", "attempt", "seq")
     )
     by_task: dict[Any, list[TaskOutput]] = defaultdict(list)
     for row in rows:
@@ -395,16 +395,32 @@ def _output_lines(tasks: list[Task]) -> dict[Any, dict[str, Any]]:
 
 
 def _output_context(task: Task, lines: list[TaskOutput]) -> dict[str, Any]:
-    """``lines`` oldest first; one more than shown means earlier lines were cut."""
-    truncated = len(lines) > OUTPUT_LINES
-    lines = lines[-OUTPUT_LINES:]
+    """``lines`` by attempt, then oldest first, at most one more per attempt than
+    shown (which means earlier lines were cut). A retried task numbers its lines
+    from 1 again on every dispatch (``Task.attempt``): each dispatch's lines are
+    shown under their own heading, the current one last, even before it wrote."""
+    by_attempt: dict[int, list[TaskOutput]] = defaultdict(list)
+    for line in lines:
+        by_attempt[line.attempt].append(line)
+    by_attempt.setdefault(task.attempt, [])
+    groups = [
+        {
+            "attempt": attempt,
+            "current": attempt == task.attempt,
+            "lines": rows[-OUTPUT_LINES:],
+            "truncated": len(rows) > OUTPUT_LINES,
+        }
+        for attempt, rows in sorted(by_attempt.items())
+    ]
+    current = by_attempt[task.attempt][-OUTPUT_LINES:]
     return {
         "task": task,
-        "lines": lines,
-        "truncated": truncated,
+        "groups": groups,
+        "labelled": len(groups) > 1 or task.attempt > 1,
         "limit": OUTPUT_LINES,
         "polling": task.status in OUTPUT_LIVE,
-        "last_seq": lines[-1].seq if lines else -1,
+        "attempt": task.attempt,
+        "last_seq": current[-1].seq if current else -1,
     }
 
 
@@ -511,17 +527,21 @@ def step_panel(request: HttpRequest, pk: uuid.UUID, step: uuid.UUID) -> HttpResp
 @require_GET
 @login_required
 def task_output(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
-    task = get_object_or_404(tasks_visible_to(request.user).only("id", "name", "status"), pk=pk)
-    lines = task_output_visible_to(request.user).filter(task=task)
+    task = get_object_or_404(tasks_visible_to(request.user).only("id", "name", "status", "attempt"), pk=pk)
     try:
         after: int | None = int(request.GET["after"])
     except (KeyError, ValueError):
         after = None
-    if after is not None and task.status in OUTPUT_LIVE and not lines.filter(seq__gt=after).exists():
+    # `after` is a seq of the attempt the poller shows; a retry numbers its lines from 1 again.
+    shown_attempt = request.GET.get("attempt", str(task.attempt))
+    if (
+        after is not None
+        and task.status in OUTPUT_LIVE
+        and shown_attempt == str(task.attempt)
+        and not task_output_visible_to(request.user).filter(task=task, attempt=task.attempt, seq__gt=after).exists()
+    ):
         return HttpResponse(status=204)  # nothing new: htmx keeps the element and polls again
-    recent = list(lines.only("id", "task_id", "seq", "stream", "content").order_by("-seq")[: OUTPUT_LINES + 1])
-    recent.reverse()
-    return render(request, "directives/live/task_output.html", {"output": _output_context(task, recent)})
+    return render(request, "directives/live/task_output.html", {"output": _output_lines([task])[task.pk]})
 
 
 urlpatterns = [

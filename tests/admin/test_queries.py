@@ -7,7 +7,7 @@ from django.db import connection, models
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
-from contracts.models import TaskOutput
+from contracts.models import Task, TaskOutput
 from contracts.services import task_output_append
 from directives.models import DirectiveEvent
 from directives.services import event_record
@@ -72,6 +72,25 @@ def test_the_task_page_shows_the_tail_of_its_output_oldest_line_first(staff, ali
     assert "line 250" in html
     assert "line 50<" not in html
     assert f"?task__id__exact={world.task.pk}" in html
+
+
+def test_the_task_pages_output_shows_which_attempt_wrote_each_line(staff, alice):
+    world = build_world(alice)  # attempt 1 wrote lines 1 and 2
+    Task.objects.filter(pk=world.task.pk).update(attempt=2)
+    world.task.refresh_from_db()
+    task_output_append(task=world.task, items=[{"seq": seq, "content": f"retry line {seq}"} for seq in (1, 2)])
+
+    response = staff.get(change_page(world.task))
+
+    output = next(f for f in response.context["inline_admin_formsets"] if f.formset.model is TaskOutput)
+    assert [(form.instance.attempt, form.instance.seq) for form in output.formset.forms] == [
+        (1, 1),
+        (1, 2),
+        (2, 1),
+        (2, 2),
+    ]
+    assert "attempt" in [field["label"].lower() for field in output.fields()]
+    assert "retry line 2" in response.content.decode()
 
 
 def test_change_pages_with_long_histories_cost_no_more_queries_than_short_ones(staff, alice):

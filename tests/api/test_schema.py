@@ -68,9 +68,20 @@ def test_the_schema_describes_bearer_tokens_and_sessions(schema):
 
 def test_the_schema_documents_the_output_page_and_the_one_time_token(schema):
     output = schema["paths"]["/api/v1/tasks/{id}/output/"]["get"]
-    assert {p["name"] for p in output["parameters"]} >= {"after_seq", "limit"}
+    parameters = {p["name"]: p for p in output["parameters"]}
+    assert set(parameters) >= {"attempt", "after_seq", "limit"}
+    assert not parameters["attempt"].get("required", False)
+    assert parameters["attempt"]["schema"]["minimum"] == 1
+    assert "current attempt" in parameters["attempt"]["description"]
     page = schema["components"]["schemas"]["TaskOutputPage"]
-    assert set(page["properties"]) == {"items", "next_after_seq", "has_more", "task_status"}
+    assert set(page["properties"]) == {
+        "attempt",
+        "items",
+        "next_after_seq",
+        "has_more",
+        "task_status",
+        "task_attempt",
+    }
     created = schema["paths"]["/api/v1/tokens/"]["post"]["responses"]["201"]["content"]["application/json"]
     assert created["schema"]["$ref"].endswith("/TokenCreated")
     assert "token" in schema["components"]["schemas"]["TokenCreated"]["properties"]

@@ -140,7 +140,14 @@ def test_output_is_paged_with_a_limit(api_as, alice, task):
 def test_polling_past_the_end_returns_nothing_and_keeps_the_position(api_as, alice, task):
     task_output_append(task=task, items=[{"seq": 1, "content": "only"}])
     page = output(api_as(alice), task, after_seq=1).json()
-    assert page == {"items": [], "next_after_seq": 1, "has_more": False, "task_status": "pending"}
+    assert page == {
+        "attempt": 1,
+        "items": [],
+        "next_after_seq": 1,
+        "has_more": False,
+        "task_status": "pending",
+        "task_attempt": 1,
+    }
 
 
 def test_a_duplicate_seq_is_ignored(api_as, alice, task):
@@ -172,6 +179,86 @@ def test_bad_output_parameters_are_refused_with_400(api_as, alice, task, params)
     response = output(api_as(alice), task, **params)
     assert response.status_code == 400
     assert response.json()["errors"]
+
+
+def retried(task: Task) -> Task:
+    """Attempt 1 wrote lines 1–3 and was lost; attempt 2 numbers its lines from 1 again."""
+    task_output_append(task=task, items=[{"seq": seq, "content": f"first run {seq}"} for seq in (1, 2, 3)])
+    Task.objects.filter(pk=task.pk).update(attempt=2, status=Task.Status.RUNNING)
+    task.refresh_from_db()
+    task_output_append(task=task, items=[{"seq": seq, "content": f"second run {seq}"} for seq in (1, 2, 3, 4)])
+    return task
+
+
+def test_output_shows_the_current_attempt_unless_asked_for_another(api_as, alice, task):
+    client = api_as(alice)
+    task = retried(task)
+
+    page = output(client, task).json()
+    assert (page["attempt"], page["task_attempt"], page["task_status"]) == (2, 2, "running")
+    assert [item["content"] for item in page["items"]] == [f"second run {seq}" for seq in (1, 2, 3, 4)]
+    assert (page["next_after_seq"], page["has_more"]) == (4, False)
+
+    page = output(client, task, attempt=1).json()
+    assert (page["attempt"], page["task_attempt"]) == (1, 2)
+    assert [item["content"] for item in page["items"]] == [f"first run {seq}" for seq in (1, 2, 3)]
+    assert page["next_after_seq"] == 3
+
+
+def test_after_seq_counts_within_the_attempt_asked_for(api_as, alice, task):
+    client = api_as(alice)
+    task = retried(task)
+
+    assert [item["content"] for item in output(client, task, attempt=1, after_seq=2).json()["items"]] == ["first run 3"]
+    page = output(client, task, after_seq=2, limit=1).json()
+    assert [item["content"] for item in page["items"]] == ["second run 3"]
+    assert (page["attempt"], page["next_after_seq"], page["has_more"]) == (2, 3, True)
+
+
+def test_a_follower_drains_the_old_attempt_then_reads_the_new_one_from_the_start(api_as, alice, task):
+    client = api_as(alice)
+    task_output_append(task=task, items=[{"seq": seq, "content": f"first run {seq}"} for seq in (1, 2)])
+    page = output(client, task).json()
+    attempt, after = page["attempt"], page["next_after_seq"]
+    assert (attempt, after) == (1, 2)
+    task_output_append(task=task, items=[{"seq": 3, "content": "first run 3"}])  # its last words
+    task = retried(task)
+    seen = []
+    for _ in range(5):
+        page = output(client, task, attempt=attempt, after_seq=after).json()
+        seen += [item["content"] for item in page["items"]]
+        attempt, after = page["attempt"], page["next_after_seq"]
+        if not page["has_more"] and page["task_attempt"] > attempt:
+            attempt, after = page["task_attempt"], 0
+    assert seen == ["first run 3"] + [f"second run {seq}" for seq in (1, 2, 3, 4)]
+
+
+def test_an_attempt_without_output_gives_an_empty_page(api_as, alice, task):
+    client = api_as(alice)
+    task_output_append(task=task, items=[{"seq": 1, "content": "only"}])
+    Task.objects.filter(pk=task.pk).update(attempt=2)
+    for params in ({}, {"attempt": 2}, {"attempt": 7}):
+        response = output(client, task, **params)
+        assert response.status_code == 200
+        assert response.json()["items"] == []
+    assert output(client, task, attempt=7).json()["attempt"] == 7
+
+
+@pytest.mark.parametrize("attempt", [0, -1, "two", "1.5", 2**31])
+def test_a_bad_attempt_is_refused_with_400_naming_the_field(api_as, alice, task, attempt):
+    task_output_append(task=task, items=[{"seq": 1, "content": "only"}])
+    response = output(api_as(alice), task, attempt=attempt)
+    assert response.status_code == 400
+    assert set(response.json()["errors"]) == {"attempt"}
+    assert Task.objects.get(pk=task.pk).attempt == 1
+
+
+def test_a_stranger_gets_404_for_any_attempt_of_the_output(api_as, bob, task):
+    task_output_append(task=task, items=[{"seq": 1, "content": "secret"}])
+    for params in ({}, {"attempt": 1}, {"attempt": 0}):
+        response = output(api_as(bob), task, **params)
+        assert response.status_code == 404
+        assert "secret" not in response.content.decode()
 
 
 # --------------------------------------------------------------------------- complete

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import timedelta
 from decimal import Decimal
 
 import pytest
@@ -13,9 +14,12 @@ from django.utils import timezone
 from contracts.models import Task, TaskOutput
 from daemons.models import ApiToken, Daemon, DaemonCommand
 from daemons.services import command_enqueue
-from directives.models import Directive
+from directives.lifecycle import advance, reconcile
+from directives.models import Directive, Step
+from directives.services import directive_start
+from makima.state import Actor
 from tests.daemons.conftest import db, say_hello
-from tests.factories import make_daemon, make_directive, make_task, make_token, make_user
+from tests.factories import make_daemon, make_directive, make_steps, make_task, make_token, make_user
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -180,6 +184,56 @@ async def test_task_output_accepts_a_full_batch_of_200_lines(connected):
     await settle(socket)
 
     assert await db(TaskOutput.objects.filter(task=task).count)() == 200
+
+
+def output_message(task_id: str, seqs: range, text: str) -> dict:
+    items = [{"seq": n, "stream": "stdout", "content": f"{text} {n}"} for n in seqs]
+    return {"type": "task_output", "task_id": task_id, "items": items}
+
+
+async def test_a_task_retried_on_another_daemon_keeps_both_attempts_output(open_socket, alice_key, settings):
+    """box-a runs attempt 1 and is lost; its lease runs out and the task is
+    retried on box-b, whose daemon numbers its lines from 1 again."""
+    settings.MAKIMA_TASK_LEASE_S = 1
+    settings.MAKIMA_HEARTBEAT_INTERVAL_S = 60  # box-b stays connected through the reconcile below
+    alice, token = alice_key
+    box_a = await open_socket(token)
+    await say_hello(box_a, "box-a")
+
+    @db
+    def start() -> str:
+        directive = make_directive(alice, agent="scripted")
+        make_steps(directive, {"name": "Build it"})
+        directive_start(directive=directive, actor=Actor.for_user(alice))
+        advance(directive_ids=[directive.pk])
+        return str(Step.objects.get(directive=directive).execution_task_id)
+
+    task_id = await start()
+    spawn = await box_a.receive_json_from(timeout=2)
+    assert (spawn["type"], spawn["task"]["id"]) == ("spawn_task", task_id)
+    await box_a.send_json_to({"type": "ack", "command_id": spawn["command_id"], "ok": True})
+    await box_a.send_json_to({"type": "task_started", "task_id": task_id})
+    await box_a.send_json_to(output_message(task_id, range(1, 4), "first run"))
+    await settle(box_a)
+    await box_a.disconnect()
+
+    box_b = await open_socket(token)
+    await say_hello(box_b, "box-b")
+    assert await box_b.receive_nothing()  # still box-a's while its lease runs
+    stats = await db(reconcile)(now=timezone.now() + timedelta(seconds=2))
+    assert stats["interrupted"] == 1
+    respawn = await box_b.receive_json_from(timeout=2)
+    assert (respawn["type"], respawn["task"]["id"]) == ("spawn_task", task_id)
+    await box_b.send_json_to({"type": "ack", "command_id": respawn["command_id"], "ok": True})
+    await box_b.send_json_to({"type": "task_started", "task_id": task_id})
+    await box_b.send_json_to(output_message(task_id, range(1, 5), "second run"))
+    await box_b.send_json_to(output_message(task_id, range(2, 3), "resent"))  # still stored once
+    await settle(box_b)
+
+    task = await db(Task.objects.select_related("daemon").get)(pk=task_id)
+    assert (task.attempt, task.status, task.daemon.name) == (2, "running", "box-b")
+    lines = await db(lambda: list(TaskOutput.objects.filter(task=task).values_list("attempt", "seq", "content")))()
+    assert lines == [(1, n, f"first run {n}") for n in range(1, 4)] + [(2, n, f"second run {n}") for n in range(1, 5)]
 
 
 # --------------------------------------------------------------------------- task_paused and resuming

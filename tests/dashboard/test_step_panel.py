@@ -248,7 +248,7 @@ def test_the_output_of_a_running_task_polls_and_a_finished_one_does_not(client_a
     body = client_as(alice).get(panel_url(directive, build), headers=HTMX).content.decode()
     running_el = body.split(f'id="output-{running.pk}"', 1)[1].split(">", 1)[0]
     done_el = body.split(f'id="output-{done.pk}"', 1)[1].split(">", 1)[0]
-    assert f'hx-get="{output_url(running)}?after=1"' in running_el
+    assert f'hx-get="{output_url(running)}?after=1&amp;attempt=1"' in running_el
     assert 'hx-trigger="every 2s"' in running_el and 'hx-swap="outerHTML"' in running_el
     assert "hx-get" not in done_el and "hx-trigger" not in done_el
     assert "line 2" in body
@@ -293,6 +293,81 @@ def test_task_output_shows_the_last_500_lines_with_a_note(client_as, alice, dire
     assert "the last 500 lines only" in panel and "line 119<" not in panel and "line 120<" in panel
 
 
+def retried(task: Task, *, status: str = Task.Status.RUNNING) -> Task:
+    """Dispatch 1 wrote lines 0–2 and was lost; the retry numbers its lines from 0 again."""
+    lines(task, 3, text="first run")
+    Task.objects.filter(pk=task.pk).update(attempt=2, status=status)
+    task.refresh_from_db()
+    lines(task, 2, text="second run")
+    return task
+
+
+def test_a_retried_task_shows_each_dispatchs_own_lines_under_its_heading(client_as, alice, directive, build):
+    task = retried(make_task(directive, step=build, status=Task.Status.INTERRUPTED))
+    client = client_as(alice)
+
+    for body in (
+        client.get(panel_url(directive, build), headers=HTMX).content.decode(),
+        client.get(output_url(task), headers=HTMX).content.decode(),
+    ):
+        output = body.split(f'id="output-{task.pk}"', 1)[1].split("</details>", 1)[0]
+        order = [
+            "Dispatch 1 (interrupted)",
+            "first run 0",
+            "first run 2",
+            "Dispatch 2<",
+            "second run 0",
+            "second run 1",
+        ]
+        positions = [output.index(text) for text in order]
+        assert positions == sorted(positions)  # each dispatch's lines under its heading, the current one last
+        assert f'hx-get="{output_url(task)}?after=1&amp;attempt=2"' in output  # polls the current dispatch
+
+
+def test_a_retry_that_has_not_written_yet_says_so_under_its_heading(client_as, alice, directive, build):
+    task = make_task(directive, step=build, status=Task.Status.RUNNING)
+    lines(task, 2, text="first run")
+    Task.objects.filter(pk=task.pk).update(attempt=2, status=Task.Status.PENDING)
+
+    body = client_as(alice).get(output_url(task), headers=HTMX).content.decode()
+
+    assert body.index("first run 1") < body.index("Dispatch 2<") < body.index("No output yet.")
+    assert "?after=-1&amp;attempt=2" in body
+
+
+def test_a_task_dispatched_once_has_no_dispatch_heading(client_as, alice, directive, build):
+    task = make_task(directive, step=build, status=Task.Status.RUNNING)
+    lines(task, 2)
+    body = client_as(alice).get(output_url(task), headers=HTMX).content.decode()
+    assert "Dispatch" not in body and "line 1" in body
+
+
+def test_polling_after_a_retry_shows_the_new_dispatchs_first_lines(client_as, alice, directive, build):
+    task = make_task(directive, step=build, status=Task.Status.RUNNING)
+    lines(task, 5, text="first run")
+    client = client_as(alice)
+    assert client.get(output_url(task) + "?after=4&attempt=1", headers=HTMX).status_code == 204
+
+    retried(task)  # its lines 0–1 are below the seq the poller has seen
+
+    response = client.get(output_url(task) + "?after=4&attempt=1", headers=HTMX)
+    assert response.status_code == 200
+    assert "second run 1" in response.content.decode()
+    assert client.get(output_url(task) + "?after=1&attempt=2", headers=HTMX).status_code == 204
+
+
+def test_each_dispatch_shows_its_last_500_lines(client_as, alice, directive, build):
+    task = make_task(directive, step=build, status=Task.Status.RUNNING)
+    lines(task, 520, text="first run")
+    Task.objects.filter(pk=task.pk).update(attempt=2)
+    task.refresh_from_db()
+    lines(task, 3, text="second run")
+    body = client_as(alice).get(output_url(task)).content.decode()
+    assert body.count("the last 500 lines only") == 1
+    assert "first run 519" in body and "first run 20<" in body and "first run 19<" not in body
+    assert "second run 0" in body and "second run 2" in body
+
+
 def test_task_output_is_escaped_text(client_as, alice, directive, build):
     task = make_task(directive, step=build, status=Task.Status.RUNNING)
     lines(task, 1, text=IMG)
@@ -317,6 +392,10 @@ def test_the_panel_of_a_busy_step_stays_within_a_bounded_number_of_queries(
     for attempt in range(4):
         task = make_task(directive, step=build, status=Task.Status.DONE, daemon=daemon)
         lines(task, 600, text=f"attempt {attempt}")
+        # Dispatched twice: the retry's lines are numbered from 0 again.
+        Task.objects.filter(pk=task.pk).update(attempt=2)
+        task.refresh_from_db()
+        lines(task, 600, text=f"attempt {attempt} again")
         make_task(directive, step=build, kind=Task.Kind.MONITORING, name="Evaluate", daemon=daemon)
         make_evaluation(build, passed=False, overall_score=0.3, criteria_results=[{"criterion": "c", "passed": False}])
     make_approval(build)
