@@ -67,6 +67,8 @@ logger = logging.getLogger(__name__)
 DAEMON_TOKEN = frozenset({ApiToken.Kind.DAEMON})
 # How long a message is handled again while the database is unreachable before the socket is closed.
 DB_RETRY_S = 20.0
+# While background outbox delivery keeps failing, how often a connection says so (no traceback).
+DELIVERY_FAILURE_LOG_S = 60.0
 
 
 def _db(function: Any) -> Any:
@@ -89,6 +91,10 @@ class DaemonConsumer(AsyncJsonWebsocketConsumer):
         # so that commands go out in order and a batch is never interleaved.
         self.deliver_lock = asyncio.Lock()
         self.poll_task: asyncio.Task[None] | None = None
+        # Background delivery failures in a row, for rate-limited logging (_deliver_in_background).
+        self.delivery_failures = 0
+        self.delivery_failing_since = 0.0
+        self.delivery_failure_logged_at = 0.0
 
     # ----------------------------------------------------------------------- connection
 
@@ -274,14 +280,17 @@ class DaemonConsumer(AsyncJsonWebsocketConsumer):
             await _db(task_dispatch_pending)(owner_ids=[self.owner.pk], exclude_daemon_id=self.daemon.pk)
 
     async def handle_heartbeat(self, payload: dict[str, Any]) -> None:
-        reconnected = await _db(daemon_heartbeat)(
+        beat = await _db(daemon_heartbeat)(
             daemon=self.daemon, connection_id=self.connection_id, running_tasks=payload["running_tasks"]
         )
-        if reconnected:
+        if beat.reconnected:
             # While the tick took it for lost (its heartbeats lagged), new tasks found no
             # daemon and stayed pending; they are this daemon's now, as after a hello,
             # rather than at the next tick.
             await _db(task_dispatch_pending)(owner_ids=[self.owner.pk])
+        if beat.reconnected or beat.interrupt_task_ids:
+            # An interrupt_task for a task retried elsewhere goes out now: every
+            # second its agent keeps working is wasted beside the new attempt.
             await self.deliver()
 
     async def handle_task_started(self, payload: dict[str, Any]) -> None:
@@ -331,10 +340,43 @@ class DaemonConsumer(AsyncJsonWebsocketConsumer):
         # consumer (in-memory channel layer), so the outbox is also polled.
         while not self.closed:
             await asyncio.sleep(settings.MAKIMA_OUTBOX_POLL_S)
-            try:
-                await self.deliver()
-            except Exception:
+            await self._deliver_in_background()
+
+    async def _deliver_in_background(self) -> None:
+        """:meth:`deliver` for the poll loop and wake-ups, where a failure has
+        nobody to go to: it is logged, and the next poll tries again.
+
+        While the database is down every poll fails, on every connection; one
+        traceback per poll would bury everything else in the log. So the first
+        failure is logged with its traceback, then one line at most every
+        ``DELIVERY_FAILURE_LOG_S`` while it goes on, and one when it works again.
+        """
+        try:
+            await self.deliver()
+        except Exception as exc:
+            now = time.monotonic()
+            self.delivery_failures += 1
+            if self.delivery_failures == 1:
+                self.delivery_failing_since = self.delivery_failure_logged_at = now
                 logger.exception("daemon %s: outbox delivery failed", self._name())
+            elif now - self.delivery_failure_logged_at >= DELIVERY_FAILURE_LOG_S:
+                self.delivery_failure_logged_at = now
+                logger.error(
+                    "daemon %s: outbox delivery still fails (%d failures since the first, %.0f s ago; last: %s)",
+                    self._name(),
+                    self.delivery_failures,
+                    now - self.delivery_failing_since,
+                    _one_line(exc),
+                )
+            return
+        if self.delivery_failures:
+            logger.info(
+                "daemon %s: outbox delivery works again after %d failures in %.0f s",
+                self._name(),
+                self.delivery_failures,
+                time.monotonic() - self.delivery_failing_since,
+            )
+            self.delivery_failures = 0
 
     # ----------------------------------------------------------------------- channel layer
 
@@ -342,10 +384,7 @@ class DaemonConsumer(AsyncJsonWebsocketConsumer):
         """``{"type": "outbox.wake"}``: commands were queued for this daemon."""
         if self.closed or self.daemon is None:
             return
-        try:
-            await self.deliver()
-        except Exception:
-            logger.exception("daemon %s: outbox delivery failed", self._name())
+        await self._deliver_in_background()
 
     async def token_revoked(self, event: dict[str, Any]) -> None:
         """``{"type": "token.revoked", "token_id"}``: this socket's daemon token was revoked."""
@@ -365,6 +404,12 @@ def _task_id(content: dict[str, Any]) -> str | None:
         return str(uuid.UUID(value)) if isinstance(value, str) else None
     except ValueError:
         return None
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: first line of the message``, for a log line that must stay one line."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def _too_large(raw: str | bytes, limit: int) -> bool:

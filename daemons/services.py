@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from django.conf import settings
 from django.db import transaction
 from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
@@ -348,10 +349,21 @@ def daemon_disconnect(*, daemon_id: Any, connection_id: str) -> bool:
     return True
 
 
-def daemon_heartbeat(*, daemon: Daemon, connection_id: str, running_tasks: list[str] | tuple[str, ...]) -> bool:
-    """``heartbeat``: the daemon and the tasks it lists are alive. Returns
-    whether it brought back a daemon the tick had marked disconnected (the
-    caller then hands it the tasks that waited meanwhile)."""
+@dataclass(frozen=True)
+class Heartbeat:
+    """What a ``heartbeat`` changed: ``reconnected`` when it brought back a daemon
+    the tick had marked disconnected (the caller then hands it the tasks that
+    waited meanwhile), and the ids of the tasks it was just told to interrupt
+    (the caller delivers the new commands)."""
+
+    reconnected: bool
+    interrupt_task_ids: list[str]
+
+
+def daemon_heartbeat(*, daemon: Daemon, connection_id: str, running_tasks: list[str] | tuple[str, ...]) -> Heartbeat:
+    """``heartbeat``: the daemon and the tasks it lists are alive; listed tasks
+    that are no longer its own get an ``interrupt_task`` (see
+    :func:`_interrupt_strangers`)."""
     from contracts.services import task_heartbeat
 
     now = timezone.now()
@@ -365,9 +377,110 @@ def daemon_heartbeat(*, daemon: Daemon, connection_id: str, running_tasks: list[
             reconnected = daemon_transition(daemon=current, to=Daemon.Status.CONNECTED, actor=_daemon_actor(current))
         except InvalidTransition:
             pass  # it changed meanwhile (drained); leave it
-    if running_tasks:
-        task_heartbeat(daemon=daemon, task_ids=running_tasks)
-    return reconnected
+    listed = _uuid_strings(running_tasks)
+    if not listed:
+        return Heartbeat(reconnected=reconnected, interrupt_task_ids=[])
+    renewed = task_heartbeat(daemon=daemon, task_ids=listed)
+    # The common case: the lease renewal matched every listed task, so they are
+    # all this daemon's running ones and nothing more needs reading. A socket
+    # that was replaced (current is None) leaves reconciling to its successor's hello.
+    if renewed == len(listed) or current is None:
+        return Heartbeat(reconnected=reconnected, interrupt_task_ids=[])
+    told = _interrupt_strangers(daemon=current, connection_id=connection_id, listed=listed, now=now)
+    return Heartbeat(reconnected=reconnected, interrupt_task_ids=told)
+
+
+def _uuid_strings(values: list[str] | tuple[str, ...]) -> set[str]:
+    """The canonical form of the UUIDs among ``values`` (the gateway refuses a
+    ``heartbeat`` listing anything else before it gets here)."""
+    ids: set[str] = set()
+    for value in values:
+        try:
+            ids.add(str(uuid.UUID(str(value))))
+        except ValueError:
+            continue
+    return ids
+
+
+def _interrupt_strangers(*, daemon: Daemon, connection_id: str, listed: set[str], now: Any) -> list[str]:
+    """Queue an ``interrupt_task`` for every listed task that is no longer this
+    daemon's, as hello does (protocol.md, Handshake); return their ids.
+
+    A daemon that froze (SIGSTOP, a suspended machine) without its socket
+    closing comes back on the same socket, and its heartbeats are then the
+    first thing to reach the server: meanwhile the tick may have interrupted
+    its tasks when their lease ran out and retried them elsewhere. Its agents
+    must stop, or they work (and spend, and push the same branch) beside the
+    new attempt. Which listed ids it is told about:
+
+    - not one of its owner's tasks (another owner's, or no task at all): told,
+      with no task attached, exactly like an unknown id, so that nothing is
+      learnt about other owners' tasks;
+    - assigned to another daemon, or to none (pending again): told;
+    - assigned to it and ``starting``/``running``/``paused``: its own, never
+      told (their leases were just renewed);
+    - assigned to it and ``done``/``failed``: only the daemon itself reports
+      these, and it keeps listing the task until its report's ``received``
+      arrives, so not told;
+    - assigned to it and ``interrupted`` or ``cancelled``: the server ended it
+      (a lease that ran out, a cancel) and the work is wasted, so told. When
+      the daemon itself reported ``interrupted`` and a heartbeat overtook the
+      ``received``, the one interrupt it gets is a harmless no-op.
+
+    Heartbeats come every few seconds, so a daemon is told about a task again
+    only when no earlier ``interrupt_task`` for it is still queued or sent (a
+    cancel queues its own), and no earlier one was acknowledged within
+    ``MAKIMA_TASK_LEASE_S``: the time a daemon gets to stop the agent and
+    report before it is reminded, the same grace a silent daemon gets.
+    """
+    from contracts.models import Task
+
+    mine = {str(task.pk): task for task in Task.objects.filter(pk__in=listed, owner_id=daemon.owner_id)}
+    own_statuses = Task.ON_DAEMON | {Task.Status.DONE, Task.Status.FAILED}
+
+    def still_its_own(task: Task | None) -> bool:
+        return task is not None and task.daemon_id == daemon.pk and task.status in own_statuses
+
+    strangers = sorted(task_id for task_id in listed if not still_its_own(mine.get(task_id)))
+    if not strangers:
+        return []
+    reminded_after = now - timedelta(seconds=settings.MAKIMA_TASK_LEASE_S)
+    told: list[str] = []
+    with transaction.atomic():
+        # The row lock orders this against a concurrent hello or heartbeat of the
+        # same daemon, so that the check below cannot let two interrupts through.
+        if not Daemon.objects.select_for_update().filter(pk=daemon.pk, connection_id=connection_id).exists():
+            return []  # replaced meanwhile: the new socket's hello reconciles
+        pending = set(
+            DaemonCommand.objects.filter(
+                daemon_id=daemon.pk,
+                command_type=DaemonCommand.CommandType.INTERRUPT_TASK,
+                payload__task_id__in=strangers,
+            )
+            .filter(
+                Q(status__in=[DaemonCommand.Status.QUEUED, DaemonCommand.Status.SENT]) | Q(acked_at__gte=reminded_after)
+            )
+            .values_list("payload__task_id", flat=True)
+        )
+        for task_id in strangers:
+            if task_id in pending:
+                continue
+            command_enqueue(
+                daemon_id=daemon.pk,
+                owner_id=daemon.owner_id,
+                task=mine.get(task_id),
+                command_type=DaemonCommand.CommandType.INTERRUPT_TASK,
+                payload={"task_id": task_id, "reason": "this task is no longer assigned to this daemon"},
+            )
+            told.append(task_id)
+    if told:
+        logger.warning(
+            "daemon %s still runs %d task(s) that are no longer its own; told to interrupt %s",
+            daemon.name,
+            len(told),
+            ", ".join(told),
+        )
+    return told
 
 
 @dataclass(frozen=True)

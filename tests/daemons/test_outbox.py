@@ -5,13 +5,16 @@ dispatch of pending tasks to a connecting daemon."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import uuid
 
 import pytest
-from django.db import connection, transaction
+from django.db import OperationalError, connection, transaction
 
 from contracts.models import Task
 from contracts.services import task_create
+from daemons import consumers
 from daemons.models import ApiToken, Daemon, DaemonCommand
 from daemons.services import command_enqueue, daemon_wake, token_authenticate
 from directives.models import Directive, Step
@@ -438,3 +441,99 @@ async def test_hello_tells_the_daemon_to_interrupt_tasks_that_are_not_assigned_t
     commands = await db(lambda: {str(c.pk): c.task_id for c in DaemonCommand.objects.all()})()
     assert {commands[m["command_id"]] for m in messages} == {others.pk, finished.pk, None}
     assert (await fresh(others)).status == "running"  # the server's own record is not touched
+
+
+# --------------------------------------------------------------------------- delivery failures
+
+
+class FlakyClaims:
+    """``command_claim`` as the consumer calls it, failing like a database that is down while ``down``."""
+
+    def __init__(self) -> None:
+        self.down = True
+        self.failures = 0
+        self.real = consumers.command_claim
+
+    def __call__(self, **kwargs):
+        if self.down:
+            self.failures += 1
+            raise OperationalError("connection to server at 127.0.0.1, port 5432 failed: Connection refused")
+        return self.real(**kwargs)
+
+
+@pytest.fixture
+async def outage(open_socket, settings, alice_key, monkeypatch, caplog):
+    """alice's daemon connected and polling its outbox every 10 ms, then the database goes away."""
+    settings.MAKIMA_OUTBOX_POLL_S = 0.01
+    _, token = alice_key
+    socket = await open_socket(token)
+    welcome = await say_hello(socket)
+    assert await socket.receive_nothing(timeout=0.1)  # hello has delivered and dispatched
+    claims = FlakyClaims()
+    monkeypatch.setattr(consumers, "command_claim", claims)
+    caplog.set_level(logging.INFO, logger="daemons.consumers")
+    return socket, welcome["daemon_id"], claims
+
+
+async def eventually(predicate, timeout: float = 3.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def gateway_records(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "daemons.consumers"]
+
+
+async def test_an_outbox_that_cannot_be_read_logs_one_traceback_not_one_per_poll(outage, caplog):
+    socket, daemon_id, claims = outage
+
+    await eventually(lambda: claims.failures >= 20)
+    claims.down = False
+    await eventually(lambda: len(gateway_records(caplog)) >= 2)
+    await asyncio.sleep(0.05)  # a few good polls more: they log nothing
+
+    failed, recovered = gateway_records(caplog)
+    assert (failed.levelname, failed.getMessage()) == ("ERROR", "daemon build-box-1: outbox delivery failed")
+    assert isinstance(failed.exc_info[1], OperationalError)
+    assert recovered.levelname == "INFO"
+    assert recovered.exc_info is None
+    failures = int(re.search(r"works again after (\d+) failures", recovered.getMessage()).group(1))
+    assert failures == claims.failures >= 20
+
+    # It really works again: a command queued meanwhile goes out with the next poll.
+    command = await interrupt_command(await db(Daemon.objects.get)(pk=daemon_id), str(uuid.uuid4()))
+    assert (await socket.receive_json_from(timeout=2))["command_id"] == str(command.pk)
+
+
+async def test_a_long_outage_is_reported_at_most_once_a_period_without_traceback(outage, caplog, monkeypatch):
+    _, _, claims = outage
+    monkeypatch.setattr(consumers, "DELIVERY_FAILURE_LOG_S", 0.1)
+
+    await eventually(lambda: claims.failures >= 50)
+    claims.down = False
+    await eventually(lambda: "works again" in gateway_records(caplog)[-1].getMessage())
+
+    first, *still, recovered = gateway_records(caplog)
+    assert first.exc_info is not None
+    assert 1 <= len(still) <= (recovered.created - first.created) / 0.1 + 1  # at most one a period
+    assert len(still) < claims.failures - 1  # not one a failure
+    assert all(r.levelname == "ERROR" and r.exc_info is None and "still fails" in r.getMessage() for r in still)
+    assert all("OperationalError: connection to server" in r.getMessage() for r in still)
+    counts = [int(re.search(r"\((\d+) failures since the first", r.getMessage()).group(1)) for r in still]
+    assert counts == sorted(counts) and counts[-1] <= claims.failures
+    assert recovered.exc_info is None
+
+
+async def test_wake_ups_during_an_outage_share_the_polls_single_traceback(outage, caplog, settings):
+    _, daemon_id, claims = outage
+    settings.MAKIMA_OUTBOX_POLL_S = 30  # after at most one more poll, only the wake-ups try
+    await asyncio.sleep(0.05)
+    before = claims.failures
+
+    for _ in range(5):
+        await db(lambda: daemon_wake(daemon_id=daemon_id))()
+    await eventually(lambda: claims.failures >= before + 5)
+
+    assert [r.exc_info is not None for r in gateway_records(caplog)] == [True]

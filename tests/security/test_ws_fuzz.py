@@ -347,14 +347,36 @@ async def test_a_stream_of_random_messages_is_answered_message_by_message_and_th
         await socket.send_json_to(message)
         replies = await replies_until_handled(socket)
         for reply in replies:
+            if reply["type"] == "interrupt_task":
+                # A heartbeat that lists a task not its own is told to stop it (the
+                # id it sent, echoed; nothing said of whose it is), once while unacknowledged.
+                assert message["type"] == "heartbeat" and reply["task_id"] in message["running_tasks"], reply
+                answers["interrupt_task"] = answers.get("interrupt_task", 0) + 1
+                continue
             assert reply["type"] == "error", reply  # no task of this daemon's is named: nothing succeeds
             assert reply["code"] in ("invalid", "unknown_type", "not_your_task"), reply
             answers[reply["code"]] = answers.get(reply["code"], 0) + 1
-        assert len(replies) <= 1, (message, replies)  # one answer per message at most
+        assert len(replies) <= 2, (message, replies)  # one answer per message (two ids in a heartbeat: two)
 
-    assert set(answers) == {"invalid", "unknown_type", "not_your_task"}
+    assert (
+        {"invalid", "unknown_type", "not_your_task"}
+        <= set(answers)
+        <= {
+            "invalid",
+            "unknown_type",
+            "not_your_task",
+            "interrupt_task",
+        }
+    )
     await still_serving(socket)
-    assert await snapshot(scene["bobs_task"], scene["other_daemons_task"]) == bobs_before
+    after = await snapshot(scene["bobs_task"], scene["other_daemons_task"])
+    assert after[:-1] == bobs_before[:-1]  # the tasks named are untouched
+    # The outbox only gained interrupts addressed to this daemon itself.
+    known = {pk for pk, _ in bobs_before[-1]}
+    added = [pk for pk, _ in after[-1] if pk not in known]
+    assert await db(
+        lambda: sorted(set(DaemonCommand.objects.filter(pk__in=added).values_list("daemon__name", "command_type")))
+    )() == ([("fuzz-box", "interrupt_task")] if added else [])
 
 
 @pytest.mark.parametrize("whose", ["bobs_task", "other_daemons_task", "unknown"])
