@@ -75,6 +75,39 @@ def _db(function: Any) -> Any:
     return database_sync_to_async(function)
 
 
+class TokenBuckets:
+    """One rate limit per daemon token, shared by the sockets that token has open
+    in this process, on top of each socket's own: opening more sockets does not
+    buy a token more messages. (Each daphne process counts for itself: with N
+    processes a token may send N times the rate, which stays bounded.)"""
+
+    def __init__(self) -> None:
+        self.buckets: dict[Any, tuple[TokenBucket, int]] = {}
+
+    def join(self, token_id: Any) -> TokenBucket:
+        bucket, sockets = self.buckets.get(token_id, (None, 0))
+        if bucket is None:
+            bucket = TokenBucket(
+                rate=settings.MAKIMA_WS_TOKEN_RATE_PER_S,
+                burst=settings.MAKIMA_WS_TOKEN_RATE_BURST,
+                clock=time.monotonic,
+            )
+        self.buckets[token_id] = (bucket, sockets + 1)
+        return bucket
+
+    def leave(self, token_id: Any) -> None:
+        bucket, sockets = self.buckets.get(token_id, (None, 0))
+        if bucket is None:
+            return
+        if sockets <= 1:
+            del self.buckets[token_id]  # the count starts afresh with the token's next socket
+        else:
+            self.buckets[token_id] = (bucket, sockets - 1)
+
+
+TOKEN_BUCKETS = TokenBuckets()
+
+
 class DaemonConsumer(AsyncJsonWebsocketConsumer):
     """``/ws/daemon/``: one connected daemon."""
 
@@ -87,6 +120,7 @@ class DaemonConsumer(AsyncJsonWebsocketConsumer):
         self.connection_id = ""
         self.closed = False
         self.bucket: TokenBucket | None = None
+        self.token_bucket: TokenBucket | None = None
         # Serialises outbox delivery between the poll loop, wake-ups and handlers,
         # so that commands go out in order and a batch is never interleaved.
         self.deliver_lock = asyncio.Lock()
@@ -129,9 +163,13 @@ class DaemonConsumer(AsyncJsonWebsocketConsumer):
         self.bucket = TokenBucket(
             rate=settings.MAKIMA_WS_RATE_PER_S, burst=settings.MAKIMA_WS_RATE_BURST, clock=time.monotonic
         )
+        self.token_bucket = TOKEN_BUCKETS.join(token.pk)
 
     async def disconnect(self, code: int) -> None:
         self.closed = True
+        if self.token_bucket is not None:
+            TOKEN_BUCKETS.leave(self.token_id)
+            self.token_bucket = None
         if self.poll_task is not None:
             self.poll_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -164,7 +202,10 @@ class DaemonConsumer(AsyncJsonWebsocketConsumer):
             await self._error(ErrorCode.TOO_LARGE, f"frames may hold at most {limit} bytes")
             await self._close(CloseCode.TOO_LARGE)
             return
-        allowed = self.bucket is None or self.bucket.take()
+        # A frame the socket's own limit drops does not count against its token's.
+        allowed = (self.bucket is None or self.bucket.take()) and (
+            self.token_bucket is None or self.token_bucket.take()
+        )
         if text_data is None:
             if allowed:
                 await self._error(ErrorCode.BAD_JSON, "frames must be text frames holding JSON")

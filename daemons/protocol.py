@@ -333,7 +333,7 @@ def validate_message(message: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class TokenBucket:
-    """Per-connection rate limit: ``burst`` messages at once, refilled at ``rate`` a second."""
+    """A rate limit (of a socket, or of a token): ``burst`` messages at once, refilled at ``rate`` a second."""
 
     def __init__(self, *, rate: float, burst: int, clock: Callable[[], float]) -> None:
         self.rate = rate

@@ -184,6 +184,9 @@ MAKIMA_HEARTBEAT_INTERVAL_S = env_int("MAKIMA_HEARTBEAT_INTERVAL_S", 10, minimum
 MAKIMA_WS_MAX_BYTES = env_int("MAKIMA_WS_MAX_BYTES", 1024 * 1024, minimum=1024)
 MAKIMA_WS_RATE_PER_S = env_float("MAKIMA_WS_RATE_PER_S", 50.0, minimum=0.1)
 MAKIMA_WS_RATE_BURST = env_int("MAKIMA_WS_RATE_BURST", 200, minimum=1)
+# The same for all the sockets one daemon token opened on one daphne process together.
+MAKIMA_WS_TOKEN_RATE_PER_S = env_float("MAKIMA_WS_TOKEN_RATE_PER_S", 200.0, minimum=0.1)
+MAKIMA_WS_TOKEN_RATE_BURST = env_int("MAKIMA_WS_TOKEN_RATE_BURST", 1000, minimum=1)
 MAKIMA_OUTBOX_POLL_S = env_float("MAKIMA_OUTBOX_POLL_S", 1.0, minimum=0.05)
 MAKIMA_MAX_REQUEST_BYTES = env_int("MAKIMA_MAX_REQUEST_BYTES", 5 * 1024 * 1024, minimum=1024)
 MAKIMA_MAX_CONTRACT_FILE_BYTES = env_int("MAKIMA_MAX_CONTRACT_FILE_BYTES", 1024 * 1024, minimum=1)

@@ -494,6 +494,40 @@ async def test_a_flood_gets_rate_limited_drops_only_the_excess_and_the_socket_re
     await still_serving(socket)
 
 
+async def test_more_sockets_do_not_buy_a_token_more_messages_and_other_tokens_are_not_slowed(sockets, scene, settings):
+    from daemons.consumers import TOKEN_BUCKETS
+
+    settings.MAKIMA_WS_RATE_BURST = 1000  # each socket alone would let all of it through
+    settings.MAKIMA_WS_TOKEN_RATE_BURST = 30
+    settings.MAKIMA_WS_TOKEN_RATE_PER_S = 0.1  # no refill to speak of during the test
+    first = await hello(sockets, scene)  # the hello took one of the 30
+    second = await sockets(scene["token"])
+    await say_hello(second, "second-box")
+    await replies_until_handled(second)
+    bobs_token = await db(lambda: make_token(scene["bobs_task"].owner, kind=ApiToken.Kind.DAEMON).plain)()
+    bobs = await sockets(bobs_token)
+    await say_hello(bobs, "bob-box", running_tasks=[str(scene["bobs_task"].pk)])
+    await replies_until_handled(bobs)
+
+    # Spent so far: 2 hellos and 2 sync frames (replies_until_handled sends one): 26 left.
+    for n in range(20):  # 40 heartbeats on alice's token, alternating sockets
+        for socket in (first, second):
+            await socket.send_json_to({"type": "heartbeat", "running_tasks": [], "id": n})
+    answers = [*await replies_until_handled(first), *await replies_until_handled(second)]
+    assert [a["code"] for a in answers] == ["rate_limited"] * 14
+    for _ in range(12):  # bob's token has its own count (2 + 12 × 2 of its 30)
+        await bobs.send_json_to({"type": "heartbeat", "running_tasks": [str(scene["bobs_task"].pk)]})
+        assert await replies_until_handled(bobs) == []
+
+    token_ids = await db(
+        lambda: list(ApiToken.objects.filter(kind=ApiToken.Kind.DAEMON).values_list("pk", flat=True))
+    )()
+    assert all(token_id in TOKEN_BUCKETS.buckets for token_id in token_ids)
+    for socket in (first, second, bobs):
+        await socket.disconnect()
+    assert not any(token_id in TOKEN_BUCKETS.buckets for token_id in token_ids)  # released with the last socket
+
+
 async def test_after_all_of_it_the_daemon_is_connected_and_its_task_untouched(sockets, scene, settings):
     settings.MAKIMA_WS_RATE_BURST = 100_000
     socket = await hello(sockets, scene)
