@@ -546,7 +546,13 @@ class Daemon:
         assert self.spool is not None
         runner = self.runners.get(task.id)
         if runner is not None:
-            if runner.reported and runner.report is not None and runner.report["id"] not in self.spool:
+            if runner.interrupted and not runner.reported:
+                # The server took this task away (an interrupt_task: its lease ran out while
+                # this daemon was unreachable) and now hands it back as a new attempt. The old
+                # run is still stopping, and its "interrupted" report would count against the
+                # new attempt: refuse, and the server dispatches it again once it is gone.
+                await self._ack(command_id, False, "busy: stopping the previous run of this task")
+            elif runner.reported and runner.report is not None and runner.report["id"] not in self.spool:
                 # Its report was received and its worktree is being removed: a new attempt must wait.
                 await self._ack(command_id, False, "busy: cleaning up the previous attempt of this task")
             else:

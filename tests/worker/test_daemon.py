@@ -558,6 +558,28 @@ async def test_every_command_is_acknowledged_and_spawns_are_refused_with_the_pro
     assert report["id"] in daemon.spool
 
 
+async def test_a_task_handed_back_while_its_old_run_is_still_stopping_is_refused_until_it_is_gone(offline):
+    daemon, socket, agent = offline
+    task_id = str(uuid.uuid4())
+    await daemon._handle(spawn(task_id))
+    await eventually(agent.started.is_set)
+
+    # The server took the task away, then hands it back as a new attempt before the old run stopped.
+    await daemon._handle(json_message(type="interrupt_task", command_id="i", task_id=task_id, reason="lease"))
+    await daemon._handle(spawn(task_id))
+    assert acks(socket)[-2:] == [(True, None), (False, "busy: stopping the previous run of this task")]
+
+    await eventually(lambda: not daemon.runners)
+    [report] = [m for m in socket.sent if m["type"] == "task_finished"]
+    assert (report["status"], report["error"]) == ("interrupted", "lease")
+    await daemon._handle(json_message(type="received", id=report["id"]))
+    await daemon._handle(spawn(task_id))  # once the old run is gone, the new attempt starts
+    assert acks(socket)[-1] == (True, None)
+    assert daemon.runners[task_id].interrupted is False
+    await daemon._handle(json_message(type="interrupt_task", command_id="i2", task_id=task_id, reason="done"))
+    await eventually(lambda: not daemon.runners)
+
+
 async def test_received_forgets_a_report_and_not_your_task_drops_it(offline):
     daemon, _, _ = offline
     kept, refused = ({"type": "task_finished", "id": str(uuid.uuid4()), "task_id": str(uuid.uuid4())} for _ in "ab")
