@@ -19,7 +19,6 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
 from django.utils import timezone
@@ -61,6 +60,7 @@ from daemons.services import (
     token_group,
 )
 from makima.logs import log_context
+from makima.sockets import JsonSocketConsumer
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class TokenBuckets:
 TOKEN_BUCKETS = TokenBuckets()
 
 
-class DaemonConsumer(AsyncJsonWebsocketConsumer):
+class DaemonConsumer(JsonSocketConsumer):
     """``/ws/daemon/``: one connected daemon."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

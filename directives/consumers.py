@@ -22,13 +22,13 @@ from collections import deque
 from typing import Any
 
 from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from channels.layers import InMemoryChannelLayer
 from django.db.models import Max
 
 from daemons.protocol import TokenBucket
 from directives.selectors import directives_visible_to, events_visible_to
 from directives.services import directive_group, event_as_message
+from makima.sockets import JsonSocketConsumer
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def _events_after(user: Any, directive_id: Any, after: int) -> list[dict[str, An
     return [event_as_message(e) for e in rows]
 
 
-class DirectiveLiveConsumer(AsyncJsonWebsocketConsumer):
+class DirectiveLiveConsumer(JsonSocketConsumer):
     """``/ws/directives/<uuid:directive_id>/``: one open directive page."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

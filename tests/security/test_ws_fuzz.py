@@ -567,7 +567,8 @@ def test_a_real_server_survives_garbage_floods_and_oversized_frames_and_serves_t
             try:
                 while True:
                     reply = json.loads(await asyncio.wait_for(socket.recv(), 1))
-                    seen["codes"][reply.get("code")] = seen["codes"].get(reply.get("code"), 0) + 1
+                    key = reply.get("code") or reply["type"]  # a heartbeat naming tasks: interrupt_task
+                    seen["codes"][key] = seen["codes"].get(key, 0) + 1
             except TimeoutError:
                 pass
             await socket.send(json.dumps({"type": "heartbeat", "running_tasks": [], "pad": "x" * 70_000}))
@@ -575,19 +576,34 @@ def test_a_real_server_survives_garbage_floods_and_oversized_frames_and_serves_t
             with pytest.raises(websockets.ConnectionClosed) as closed:
                 await asyncio.wait_for(socket.recv(), 5)
             seen["close"] = closed.value.rcvd.code if closed.value.rcvd else None
+        # A client that floods and closes without reading: answers still on their way may
+        # meet a closed socket (makima.sockets; tests/test_sockets.py makes it happen for sure).
+        async with websockets.connect(url, additional_headers=headers) as socket:
+            await socket.send(json.dumps(hello_message("dropper")))
+            for n in range(40):  # each one read from the database before its not_your_task
+                await socket.send(json.dumps({"type": "task_progress", "task_id": str(uuid.uuid4()), "cost_usd": n}))
         async with websockets.connect(url, additional_headers=headers) as socket:
             await socket.send(json.dumps(hello_message("next-daemon")))
             seen["next"] = json.loads(await asyncio.wait_for(socket.recv(), 5))
+        await asyncio.sleep(1)  # the dropped socket's answers have been tried by now
         return seen
 
     with security_stack(env) as stack:
         seen = asyncio.run(abuse(stack.ws_url, stack.daemon_token))
         assert seen["codes"].get("rate_limited", 0) > 100
-        assert set(seen["codes"]) <= {"rate_limited", "invalid", "unknown_type", "not_your_task", "bad_json"}
+        assert set(seen["codes"]) <= {
+            "rate_limited",
+            "invalid",
+            "unknown_type",
+            "not_your_task",
+            "bad_json",
+            "interrupt_task",
+        }
         assert (seen["too_large"]["code"], seen["close"]) == ("too_large", 1009)
         assert seen["next"]["type"] == "welcome"
         assert stack.processes[0].poll() is None  # daphne is still running
-        assert "Traceback" not in stack.log.read_text()
+        log = stack.log.read_text()
+        assert "Traceback" not in log, log[log.index("Traceback") - 500 :][:5000]
 
 
 @pytest.mark.slow
@@ -692,4 +708,4 @@ def test_a_directive_completes_on_a_real_server_while_another_daemon_floods_it_a
     outputs = list(seen["outputs"].values())
     assert len(outputs) == 4
     assert all(len(items) == 150 and items[0]["content"].startswith(script) for items in outputs)
-    assert "Traceback" not in log
+    assert "Traceback" not in log, log[log.index("Traceback") - 500 :][:5000]
