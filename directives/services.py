@@ -5,9 +5,10 @@ background tasks call these; nothing else writes these rows."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -108,6 +109,32 @@ def event_as_message(event: DirectiveEvent) -> dict[str, Any]:
     }
 
 
+#: Live-feed messages held back by :func:`events_pushed_at_the_end` (None: push at commit).
+_held_events: contextvars.ContextVar[list[tuple[Any, dict[str, Any]]] | None] = contextvars.ContextVar(
+    "makima_held_events", default=None
+)
+
+
+@contextlib.contextmanager
+def events_pushed_at_the_end() -> Iterator[None]:
+    """Hold the live-feed pushes of every transaction committed inside this
+    block, and push them together when it ends.
+
+    A request that starts a directive commits several transactions before the
+    command to its daemon exists; each commit pushed its events to the live
+    feed first, a channel-layer round trip apiece on the way to the daemon.
+    Open pages lose nothing by hearing of them a few milliseconds later."""
+    held: list[tuple[Any, dict[str, Any]]] = []
+    token = _held_events.set(held)
+    try:
+        yield
+    finally:
+        _held_events.reset(token)
+        pending = _PendingEvents()
+        pending.messages.extend(held)
+        pending.flush()
+
+
 class _PendingEvents:
     """Events of one transaction, pushed together when it commits."""
 
@@ -119,6 +146,10 @@ class _PendingEvents:
         from channels.layers import get_channel_layer
 
         messages, self.messages = self.messages, []
+        held = _held_events.get()
+        if held is not None:
+            held.extend(messages)
+            return
         layer = get_channel_layer()
         if layer is None or not messages:
             return

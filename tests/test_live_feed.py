@@ -99,3 +99,80 @@ def test_a_rolled_back_change_is_not_pushed(alice, listener):
 
     events = [event for m in receive_all() for event in m["events"]]
     assert [e["data"]["name"] for e in events if e["event_type"] == "step_added"] == ["B"]
+
+
+def test_events_of_a_block_are_held_and_pushed_together_when_it_ends(alice, listener):
+    from directives.services import events_pushed_at_the_end, step_transition
+
+    join, receive_all = listener
+    directive = make_directive(alice)
+    [step] = make_steps(directive, {"name": "A"})
+    join(directive.pk)
+
+    with events_pushed_at_the_end():
+        directive_start(directive=directive, actor=Actor.for_user(alice))  # commits several transactions
+        with transaction.atomic():
+            step_transition(step=Directive.objects.get().steps.get(pk=step.pk), to="skipped")
+        assert receive_all() == []  # committed, and held
+
+    [message] = receive_all()
+    kinds = [event["event_type"] for event in message["events"]]
+    assert "directive_active" in kinds and "step_skipped" in kinds
+
+
+def test_a_failing_block_still_pushes_what_it_committed(alice, listener):
+    from directives.services import events_pushed_at_the_end
+
+    join, receive_all = listener
+    directive = make_directive(alice)
+    make_steps(directive, {"name": "A"})
+    join(directive.pk)
+
+    with pytest.raises(RuntimeError), events_pushed_at_the_end():
+        directive_start(directive=directive, actor=Actor.for_user(alice))
+        raise RuntimeError("after the commit")
+
+    events = [event for m in receive_all() for event in m["events"]]
+    assert "directive_active" in [e["event_type"] for e in events]
+
+
+def test_a_start_through_the_api_queues_the_spawn_before_it_pushes_the_live_feed(alice, listener):
+    from django.db.models.signals import post_save
+    from rest_framework.test import APIClient
+
+    from daemons.models import Daemon, DaemonCommand
+    from tests.factories import make_daemon, make_token
+
+    join, receive_all = listener
+    daemon = make_daemon(alice, name="box")
+    Daemon.objects.filter(pk=daemon.pk).update(
+        status=Daemon.Status.CONNECTED, connection_id="c", capabilities=["scripted"], max_concurrent_tasks=4
+    )
+    directive = make_directive(alice, agent="scripted")
+    make_steps(directive, {"name": "A"})
+    join(directive.pk)
+    order: list[str] = []
+    layer = get_channel_layer()
+    original = layer.group_send
+
+    async def group_send(group, message):
+        order.append(message["type"])
+        return await original(group, message)
+
+    def command_saved(sender, instance, created, **kwargs):
+        if created:
+            order.append(instance.command_type)
+
+    layer.group_send = group_send
+    post_save.connect(command_saved, sender=DaemonCommand)
+    try:
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {make_token(alice).plain}")
+        assert client.post(f"/api/v1/directives/{directive.pk}/start/").status_code == 200
+    finally:
+        layer.group_send = original
+        post_save.disconnect(command_saved, sender=DaemonCommand)
+    # The spawn is queued and its daemon woken before the one push of the request's events.
+    assert order == ["spawn_task", "outbox.wake", "directive.events"]
+    kinds = [event["event_type"] for m in receive_all() for event in m["events"]]
+    assert {"directive_active", "task_starting", "command_queued"} <= set(kinds)

@@ -87,6 +87,7 @@ from directives.services import (
     directive_stop,
     directive_transition,
     directive_update,
+    events_pushed_at_the_end,
     order_cancel,
     order_create,
     order_delete,
@@ -258,7 +259,10 @@ class DirectiveViewSet(ScopedViewSetMixin, mixins.ListModelMixin, mixins.Retriev
 
     def _transition(self, request: Request, service: Callable[..., Directive], **kwargs: Any) -> Response:
         directive = self.get_object()
-        service(directive=directive, actor=actor_for(request), **kwargs)
+        # The commands a transition queues (a start's first spawn_task) go out
+        # before the live feed hears of its events.
+        with events_pushed_at_the_end():
+            service(directive=directive, actor=actor_for(request), **kwargs)
         return self.render(directive)
 
     def _reason(self, request: Request) -> str:
